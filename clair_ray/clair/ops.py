@@ -1,0 +1,171 @@
+"""Linear-algebra building blocks shared by the CLAIR solvers.
+
+Blocks are kept as one (K, p, w) tensor: client k's block is ``X[k]`` (p rows on the shared side, w
+columns). The stacked matrix of DESIGN.md, [X_1, ..., X_K] (p x Kw), is ``stack(X)``; every nuclear-norm
+or singular-value operation works on that view, every group operation on the blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def stack(blocks: torch.Tensor) -> torch.Tensor:
+    """Returns the p x (K w) matrix [X_1, ..., X_K] of a (K, p, w) block tensor."""
+    k, p, w = blocks.shape
+    return blocks.permute(1, 0, 2).reshape(p, k * w)  # (p, K w)
+
+
+def unstack(matrix: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Inverse of :func:`stack`: (p, K w) -> (K, p, w)."""
+    p, n = matrix.shape
+    return matrix.reshape(p, num_blocks, n // num_blocks).permute(1, 0, 2).contiguous()
+
+
+def block_norms(blocks: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each block: (K, p, w) -> (K,)."""
+    return torch.linalg.vector_norm(blocks, dim=(1, 2))
+
+
+def svt(matrix: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Singular-value thresholding, the proximal operator of ``threshold * nuclear norm``.
+
+    Args:
+        matrix: (p, n) matrix.
+        threshold: Amount subtracted from every singular value (values below it become zero).
+
+    Returns:
+        The thresholded matrix (p, n), its rank, and the singular values before thresholding.
+    """
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # (p, m), (m,), (m, n)
+    shrunk = (s - threshold).clamp_min(0.0)
+    rank = int((shrunk > 0).sum())
+    out = (u[:, :rank] * shrunk[:rank]) @ vh[:rank]
+    return out, rank, s
+
+
+def gst(blocks: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
+    """Group soft-thresholding of every block: GST(X, t) = max(0, 1 - t / ||X||_F) X.
+
+    Args:
+        blocks: (K, p, w) blocks.
+        thresholds: One threshold, or (K,) thresholds (one per block).
+
+    Returns:
+        (K, p, w) thresholded blocks.
+    """
+    norms = block_norms(blocks)  # (K,)
+    t = torch.as_tensor(thresholds, dtype=blocks.dtype, device=blocks.device)
+    # Blocks with zero norm get factor 0; clamp avoids 0/0.
+    factor = (1.0 - t / norms.clamp_min(torch.finfo(blocks.dtype).tiny)).clamp_min(0.0)  # (K,)
+    return blocks * factor[:, None, None]
+
+
+def top_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Exact top-``rank`` left singular vectors of a (p, n) matrix: (p, rank) orthonormal."""
+    # For wide matrices the p x p Gram's eigenvectors are cheaper than an SVD of the whole matrix, but
+    # they square the condition number; the exact path works in float64 where that is harmless only for
+    # well-separated spectra, so keep the SVD.
+    u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank]
+
+
+def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a (p, m) matrix (thin QR)."""
+    q, _ = torch.linalg.qr(matrix)
+    return q
+
+
+def project_out(basis: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(I - U U^T) X for every block: basis (p, r), blocks (K, p, w) -> (K, p, w)."""
+    coeff = torch.einsum("pr,kpw->krw", basis, blocks)  # (K, r, w)
+    return blocks - torch.einsum("pr,krw->kpw", basis, coeff)
+
+
+def project_onto(basis: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """U U^T X for every block: basis (p, r), blocks (K, p, w) -> (K, p, w)."""
+    coeff = torch.einsum("pr,kpw->krw", basis, blocks)  # (K, r, w)
+    return torch.einsum("pr,krw->kpw", basis, coeff)
+
+
+def compact_dense(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates each wide block onto its row space: M_k = C_k Q_k^T with C_k (p, p).
+
+    Nuclear norm, block norms and the CLAIR problems are invariant under a right rotation of each block
+    (DESIGN.md section 1, "Scale"), so the solvers may work on the narrower C_k.
+
+    Args:
+        blocks: (K, p, q) blocks with q > p.
+
+    Returns:
+        C (K, p, p) and Q (K, q, p) with orthonormal columns, such that blocks[k] = C[k] @ Q[k].T.
+    """
+    q_mat, r_mat = torch.linalg.qr(blocks.transpose(1, 2))  # (K, q, p), (K, p, p): M_k^T = Q R
+    return r_mat.transpose(1, 2), q_mat
+
+
+def compact_factors(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Compact p x r' form of factor pairs: C_k C_k^T = B_k A_k A_k^T B_k^T.
+
+    C_k = B_k E_k sqrt(D_k) with A_k A_k^T = E_k D_k E_k^T, a right rotation of B_k A_k restricted to its
+    row space, so every CLAIR quantity computed from C_k equals the one from the dense product.
+
+    Args:
+        b: (K, p, r') left factors.
+        a: (K, r', q) right factors.
+
+    Returns:
+        (K, p, r') compact blocks, in b's dtype.
+    """
+    gram = torch.bmm(a, a.transpose(1, 2)).double()  # (K, r', r')
+    evals, evecs = torch.linalg.eigh(gram)  # (K, r'), (K, r', r')
+    root = evecs * evals.clamp_min(0.0).sqrt()[:, None, :]  # (K, r', r')
+    return torch.bmm(b, root.to(b.dtype))  # (K, p, r')
+
+
+def randomized_range(
+    matrix_fn, adjoint_fn, p: int, rank: int, oversample: int, niter: int, generator: torch.Generator, dtype
+) -> torch.Tensor:
+    """Randomized range finder (Halko, Martinsson, Tropp 2011) on an implicit p x n operator.
+
+    Args:
+        matrix_fn: Maps (n, m) -> (p, m), i.e. X @ Y.
+        adjoint_fn: Maps (p, m) -> (n, m), i.e. X^T @ Y.
+        p: Rows of the operator.
+        rank: Target rank.
+        oversample: Extra columns.
+        niter: Power iterations (each costs two passes over the operator).
+        generator: Seeded generator for the test matrix.
+        dtype: Dtype of the test matrix.
+
+    Returns:
+        (p, rank + oversample) orthonormal basis approximating the top range.
+    """
+    omega = torch.randn(p, rank + oversample, generator=generator, dtype=dtype)  # (p, m)
+    # Start from X X^T omega: X^T is cheap to apply and the result already has one power step.
+    y = matrix_fn(adjoint_fn(omega))  # (p, m)
+    q = orthonormalize(y)
+    for _ in range(niter):
+        q = orthonormalize(matrix_fn(adjoint_fn(q)))
+    return q
+
+
+@contextlib.contextmanager
+def limit_threads(active: bool, num_threads: int = 1) -> Iterator[None]:
+    """Runs the body with ``num_threads`` intra-op threads when ``active``, restoring the setting after.
+
+    The exact solver makes thousands of calls on matrices of a few thousand entries; there thread hand-off
+    costs more than it saves, and on a busy 2-core machine it made a 0.8 s call take 30-50 s.
+    """
+    if not active:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
