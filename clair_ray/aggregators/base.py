@@ -1,0 +1,77 @@
+"""The one interface every aggregation method implements (CLAIR and the baselines).
+
+An aggregator sees the K clients' updates of one round, stacked as a dense (K, p, q) tensor (for the
+linear workload) and returns, for every client, the update that client continues from (multi-round) or is
+evaluated with (one-shot), plus who it flagged and why. Aggregators are pure functions of their inputs:
+no Ray, no global state, so they are unit-testable and run unchanged inside the aggregator actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AggContext:
+    """What an aggregator may know besides the updates.
+
+    Attributes:
+        rank: Rank r of the shared subspace (CLAIR, oracle); None lets CLAIR choose it.
+        n_attackers: Number of contaminated clients assumed by baselines that need it (trimmed mean,
+            multi-Krum). Comes from config, never from the ground truth; CLAIR ignores it.
+        offset: Whether the updates share an unknown common offset (CLAIR's ``offset``).
+        noise_scale: Optional (K,) relative noise level of each client's estimate (e.g. 1/sqrt(n_k)).
+        seed: Seed for any randomness inside the method (randomized SVD).
+        honest: Oracle only: the true honest client indices.
+        true_subspace: Oracle only: (p, r) orthonormal basis of the true shared subspace.
+        params: Method-specific parameters from config (e.g. CLAIR's ``mad_k``, ``solver``).
+    """
+
+    rank: int | None = None
+    n_attackers: int = 0
+    offset: bool = False
+    noise_scale: torch.Tensor | None = None
+    seed: int = 0
+    honest: list[int] | None = None
+    true_subspace: torch.Tensor | None = None
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class AggOutput:
+    """Result of one aggregation.
+
+    Attributes:
+        per_client: (K, p, q) the update each client continues from / is evaluated with.
+        flagged: Sorted client indices the method excluded as contaminated.
+        reasons: Why each flagged client was flagged.
+        subspace: (p, r) estimated shared subspace, where the method estimates one.
+        scores: (K,) detection scores, where the method computes them.
+    """
+
+    per_client: torch.Tensor
+    flagged: list[int] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    subspace: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+class Aggregator(Protocol):
+    """An aggregation method: ``name`` plus ``aggregate(updates, ctx)``."""
+
+    name: str
+
+    def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
+        """Aggregates a round's updates.
+
+        Args:
+            updates: (K, p, q) client updates (non-finite entries possible).
+            ctx: What the method may know besides the updates.
+
+        Returns:
+            The per-client results.
+        """
+        ...
