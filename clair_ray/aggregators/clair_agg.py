@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from clair_ray.aggregators._common import NON_FINITE, check_updates, finite_mask, non_finite_clients
+from clair_ray.aggregators._common import check_updates
 from clair_ray.aggregators.base import AggContext, AggOutput
 
 __all__ = ["Clair"]
@@ -22,9 +22,8 @@ class Clair:
     CLAIR never sees ``ctx.n_attackers``: the number of contaminated clients is something it *finds*, and
     feeding it the configured fraction would make its output depend on a baseline's knob.
 
-    Non-finite client updates are removed before the call (so none can reach an SVD, whatever the core
-    does with them), flagged "non-finite" and kept unchanged; the remaining clients' results are mapped
-    back to their original ids. Flagged clients keep their input, honest ones get CLAIR's refinement.
+    Non-finite client updates are flagged "non-finite" by the core and kept out of every SVD. Flagged
+    clients keep their input, honest ones get CLAIR's refinement.
 
     Args:
         **params: Default keyword arguments for ``clair_ray.clair`` (``ctx.params`` wins on conflicts).
@@ -43,56 +42,28 @@ class Clair:
         import clair_ray  # late: the package's __init__ imports the CLAIR core, which must not import us
 
         check_updates(updates)
-        k = updates.shape[0]
         params = {**self.params, **(ctx.params or {})}
         reserved = sorted({"rank", "offset", "seed", "noise_scale"} & set(params))
         if reserved:
             raise ValueError(f"ctx.params must not set {reserved}: they are AggContext fields")
 
-        mask = finite_mask(updates)  # (K,)
-        idx = [int(i) for i in torch.nonzero(mask).flatten().tolist()]  # original ids of the finite clients
-        reasons: dict[int, str] = {i: NON_FINITE for i in non_finite_clients(mask)}
-        per_client = updates.clone()  # (K, p, q)
-        scores = torch.full((k,), float("nan"), dtype=torch.float64, device=updates.device)
-        if not idx:
-            return AggOutput(per_client=per_client, flagged=list(reasons), reasons=reasons, scores=scores)
-
-        noise_scale = ctx.noise_scale
-        if noise_scale is not None:
-            noise_scale = torch.as_tensor(noise_scale).flatten()
-            if noise_scale.shape[0] != k:
-                raise ValueError(
-                    f"ctx.noise_scale must have K={k} entries, got shape {tuple(noise_scale.shape)}"
-                )
-            noise_scale = noise_scale[mask.to(noise_scale.device)]
-
-        clair_fn = getattr(clair_ray, "clair", None)
-        if not callable(clair_fn):  # the package re-exports clair(); fall back to its home if it does not yet
-            from clair_ray.clair.api import clair as clair_fn
-        res = clair_fn(
-            [updates[i] for i in idx],
+        # clair() itself flags non-finite clients ("non-finite") and keeps them out of every SVD, and
+        # returns the input unchanged for every flagged client.
+        res = clair_ray.clair(
+            list(updates.unbind(0)),
             rank=ctx.rank,
             offset=ctx.offset,
             seed=ctx.seed,
-            noise_scale=noise_scale,
+            noise_scale=ctx.noise_scale,
             **params,
         )
-
-        # Map the finite-subset results back to original client ids.
-        sub_reasons = dict(res.reasons or {})
-        for j in res.contaminated:
-            reasons[idx[j]] = sub_reasons.get(j, "clair")
-        for j, refined in enumerate(res.refined):
-            per_client[idx[j]] = refined.to(device=updates.device, dtype=updates.dtype)
-        for j in res.contaminated:
-            # The contract says flagged clients keep their input; enforce it rather than trust it.
-            per_client[idx[j]] = updates[idx[j]]
-        if res.scores is not None:
-            scores[idx] = torch.as_tensor(res.scores).to(device=updates.device, dtype=torch.float64).flatten()
-        subspace = (
-            res.subspace.to(device=updates.device, dtype=updates.dtype) if res.subspace is not None else None
-        )
-        reasons = dict(sorted(reasons.items()))
+        per_client = torch.stack(res.refined).to(device=updates.device, dtype=updates.dtype)  # (K, p, q)
+        subspace = res.subspace.to(device=updates.device, dtype=updates.dtype)
+        reasons = dict(sorted(res.reasons.items()))
         return AggOutput(
-            per_client=per_client, flagged=list(reasons), reasons=reasons, subspace=subspace, scores=scores
+            per_client=per_client,
+            flagged=res.contaminated,
+            reasons=reasons,
+            subspace=subspace,
+            scores=res.scores,
         )
