@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clair_ray.clair.ops import block_norms, stack, svt
+from clair_ray.clair.ops import block_norms, gst, stack, svt
 
 
 @dataclass
@@ -178,9 +178,7 @@ def _admm(
         z_l_old, z_s_old = z_l, z_s
         low, rank = _svt_wide((x_l + u_l).reshape(p, k * w), tau / rho)
         z_l = low.reshape(p, k, w)
-        y = x_s + u_s
-        norms = torch.linalg.vector_norm(y, dim=(0, 2))  # (K,)
-        z_s = y * (1.0 - (lam_v / rho) / norms.clamp_min(1e-300)).clamp_min(0.0)[None, :, None]
+        z_s = gst(x_s + u_s, lam_v / rho, block_dim=1)
         u_l = u_l + x_l - z_l
         u_s = u_s + x_s - z_s
         r_primal = float(torch.sqrt((x_l - z_l).pow(2).sum() + (x_s - z_s).pow(2).sum()))

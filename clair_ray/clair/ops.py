@@ -19,12 +19,6 @@ def stack(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.permute(1, 0, 2).reshape(p, k * w)  # (p, K w)
 
 
-def unstack(matrix: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Inverse of :func:`stack`: (p, K w) -> (K, p, w)."""
-    p, n = matrix.shape
-    return matrix.reshape(p, num_blocks, n // num_blocks).permute(1, 0, 2).contiguous()
-
-
 def block_norms(blocks: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of each block: (K, p, w) -> (K,)."""
     return torch.linalg.vector_norm(blocks, dim=(1, 2))
@@ -47,21 +41,25 @@ def svt(matrix: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int, torc
     return out, rank, s
 
 
-def gst(blocks: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
+def gst(blocks: torch.Tensor, thresholds: torch.Tensor | float, block_dim: int = 0) -> torch.Tensor:
     """Group soft-thresholding of every block: GST(X, t) = max(0, 1 - t / ||X||_F) X.
 
     Args:
-        blocks: (K, p, w) blocks.
+        blocks: Blocks indexed by ``block_dim``: (K, p, w) by default, or (p, K, w) with ``block_dim=1``.
         thresholds: One threshold, or (K,) thresholds (one per block).
+        block_dim: The dimension that indexes the blocks.
 
     Returns:
-        (K, p, w) thresholded blocks.
+        The thresholded blocks, same shape.
     """
-    norms = block_norms(blocks)  # (K,)
+    other = tuple(d for d in range(blocks.ndim) if d != block_dim)
+    norms = torch.linalg.vector_norm(blocks, dim=other)  # (K,)
     t = torch.as_tensor(thresholds, dtype=blocks.dtype, device=blocks.device)
-    # Blocks with zero norm get factor 0; clamp avoids 0/0.
+    # Blocks with zero norm get factor 0; the clamp avoids 0/0.
     factor = (1.0 - t / norms.clamp_min(torch.finfo(blocks.dtype).tiny)).clamp_min(0.0)  # (K,)
-    return blocks * factor[:, None, None]
+    shape = [1] * blocks.ndim
+    shape[block_dim] = -1
+    return blocks * factor.reshape(shape)
 
 
 def top_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -124,33 +122,6 @@ def compact_factors(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(gram)  # (K, r'), (K, r', r')
     root = evecs * evals.clamp_min(0.0).sqrt()[:, None, :]  # (K, r', r')
     return torch.bmm(b, root.to(b.dtype))  # (K, p, r')
-
-
-def randomized_range(
-    matrix_fn, adjoint_fn, p: int, rank: int, oversample: int, niter: int, generator: torch.Generator, dtype
-) -> torch.Tensor:
-    """Randomized range finder (Halko, Martinsson, Tropp 2011) on an implicit p x n operator.
-
-    Args:
-        matrix_fn: Maps (n, m) -> (p, m), i.e. X @ Y.
-        adjoint_fn: Maps (p, m) -> (n, m), i.e. X^T @ Y.
-        p: Rows of the operator.
-        rank: Target rank.
-        oversample: Extra columns.
-        niter: Power iterations (each costs two passes over the operator).
-        generator: Seeded generator for the test matrix.
-        dtype: Dtype of the test matrix.
-
-    Returns:
-        (p, rank + oversample) orthonormal basis approximating the top range.
-    """
-    omega = torch.randn(p, rank + oversample, generator=generator, dtype=dtype)  # (p, m)
-    # Start from X X^T omega: X^T is cheap to apply and the result already has one power step.
-    y = matrix_fn(adjoint_fn(omega))  # (p, m)
-    q = orthonormalize(y)
-    for _ in range(niter):
-        q = orthonormalize(matrix_fn(adjoint_fn(q)))
-    return q
 
 
 @contextlib.contextmanager
