@@ -1,0 +1,461 @@
+"""The round loop: starts Ray and the actors, runs trials × rounds, survives failures, writes results.
+
+Per round, the driver hands fixed batches of virtual clients (batches are cut by client id, and batch b
+goes to actor b mod A) to the client actors, waits for their small metadata (with a timeout, always),
+re-submits the batches of an actor that died (Ray restarts it, ``engine.max_restarts``), records clients
+that raised as dropouts (traceback in the log), checks ``engine.min_clients``, then passes the update
+references to the aggregator actor and turns its per-client metrics into result rows, in client-id order.
+A checkpoint is written after every round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from clair_ray import results
+from clair_ray.config import ExperimentConfig, fingerprint, to_dict, to_yaml
+from clair_ray.engine import checkpoint, seeds
+from clair_ray.engine.aggregate import AggregatorActor
+from clair_ray.engine.client import ClientActor
+from clair_ray.workloads import get_workload
+
+log = logging.getLogger("clair_ray.engine")
+SHARED = "*"  # the group name when every method shares the round's updates (the first round)
+
+
+class EngineError(RuntimeError):
+    """The run cannot go on (too few clients, an actor gone for good, a timeout, bad resources)."""
+
+
+class SimulatedCrash(EngineError):
+    """Raised by ``engine.debug_stop_after_round``: the driver 'crashes' right after a checkpoint."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        out_dir: The run directory.
+        clients: Client table.
+        summary: Summary table.
+        detection: Per-attack detection table.
+        restarts: Client-actor deaths the run recovered from (work re-submitted).
+        dropouts: (trial, round, client_id) of clients that raised.
+        actor_pids: Pid of each client actor when it was last seen.
+    """
+
+    out_dir: Path
+    clients: pd.DataFrame
+    summary: pd.DataFrame
+    detection: pd.DataFrame
+    restarts: int = 0
+    dropouts: list[tuple[int, int, int]] = field(default_factory=list)
+    actor_pids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    actor: int
+    group: str
+    jobs: list[tuple[int, int]]
+    attempts: int = 0
+    meta_ref: Any = None
+    upd_ref: Any = None
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
+    """Uses a running Ray if this process already has one, else attaches or starts one, and stops it."""
+    if ray.is_initialized():  # the caller (a test fixture, a Tune trial) owns Ray
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # Connecting: Ray forbids local resource arguments (RAY-NOTES "Cluster and jobs").
+        ray.init(address=cfg.ray.address, logging_level="ERROR")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # address="local": without it ray.init() joins whatever `ray start` cluster
+        # /tmp/ray/ray_current_cluster names (even a stale one) and then rejects num_cpus.
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            num_gpus=cfg.ray.num_gpus,
+            object_store_memory=None if cfg.ray.object_store_mb is None else cfg.ray.object_store_mb * 2**20,
+            include_dashboard=cfg.ray.include_dashboard,
+            logging_level="ERROR",
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Fails fast when the actors cannot all be placed (they would pend for ever otherwise)."""
+    e = cfg.engine
+    have = ray.cluster_resources()
+    need_cpu = e.num_actors * e.actor_num_cpus + e.aggregator_num_cpus
+    if need_cpu > have.get("CPU", 0.0) + 1e-9:
+        raise EngineError(
+            f"engine.num_actors={e.num_actors} x engine.actor_num_cpus={e.actor_num_cpus} + "
+            f"engine.aggregator_num_cpus={e.aggregator_num_cpus} = {need_cpu:g} CPUs, but the Ray cluster "
+            f"has {have.get('CPU', 0.0):g}: lower them (fractions are allowed) or add CPUs"
+        )
+    need_gpu = e.num_actors * e.actor_num_gpus
+    if need_gpu > have.get("GPU", 0.0) + 1e-9:
+        raise EngineError(
+            f"engine.num_actors={e.num_actors} x engine.actor_num_gpus={e.actor_num_gpus} = {need_gpu:g} "
+            f"GPUs, but the Ray cluster has {have.get('GPU', 0.0):g}"
+        )
+
+
+class Runner:
+    """One experiment run (use :func:`run_experiment`)."""
+
+    def __init__(self, cfg: ExperimentConfig, progress: Callable[[str], None] | None) -> None:
+        self.cfg = cfg
+        self.progress = progress or (lambda _msg: None)
+        self.timeout = cfg.engine.call_timeout_s
+        self.out_dir = Path(cfg.output_dir)
+        self.restarts = 0
+        self.dropouts: list[tuple[int, int, int]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.extras: dict[tuple[int, str, int], dict[str, float]] = {}
+        self.actors: list[Any] = []
+        self.agg: Any = None
+        self.pids: list[int] = []
+        self.workload = get_workload(cfg)
+
+    # ---- actors ---------------------------------------------------------------------------------------
+    def start_actors(self) -> None:
+        e, cfg_dict = self.cfg.engine, to_dict(self.cfg)
+        self.actors = [
+            ClientActor.options(
+                num_cpus=e.actor_num_cpus,
+                num_gpus=e.actor_num_gpus,
+                max_restarts=e.max_restarts,
+                max_task_retries=0,  # we re-submit ourselves, so we can count and log restarts
+            ).remote(cfg_dict, i)
+            for i in range(e.num_actors)
+        ]
+        self.agg = AggregatorActor.options(
+            num_cpus=e.aggregator_num_cpus, max_restarts=e.max_restarts
+        ).remote(cfg_dict)
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout)
+        except GetTimeoutError as exc:
+            raise EngineError(
+                f"client actors did not start within engine.call_timeout_s={self.timeout}"
+            ) from exc
+        self.pids = [i["pid"] for i in infos]
+
+    def stop_actors(self) -> None:
+        for a in [*self.actors, self.agg]:
+            if a is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
+
+    def _submit(self, b: _Batch, trial: int, round_: int, starts_ref: Any) -> None:
+        box = [] if starts_ref is None else [starts_ref]
+        b.meta_ref, b.upd_ref = (
+            self.actors[b.actor]
+            .train_from.options(num_returns=2)
+            .remote(trial, round_, b.group, b.jobs, box, self.timeout)
+        )
+
+    # ---- one round ------------------------------------------------------------------------------------
+    def train_round(self, trial: int, round_: int, groups: list[str], starts_ref: Any) -> dict[str, list]:
+        """Runs every group's client batches; returns group -> [(client_ids, meta, updates_ref)]."""
+        K, bs, A = self.cfg.workload.num_clients, self.cfg.engine.batch_size, self.cfg.engine.num_actors
+        batches: list[_Batch] = []
+        for group in groups:
+            for b0 in range(0, K, bs):
+                jobs = [
+                    (k, seeds.derive_seed(self.cfg.seed, seeds.TRAIN, trial, round_, k))
+                    for k in range(b0, min(b0 + bs, K))
+                ]
+                batches.append(_Batch(actor=len(batches) % A, group=group, jobs=jobs))
+        for b in batches:
+            self._submit(b, trial, round_, starts_ref)
+        pending = {b.meta_ref: b for b in batches}
+        metas: dict[int, list[dict[str, Any]]] = {}
+        t0, last_note, done = time.perf_counter(), time.perf_counter(), 0
+        total = K * len(groups)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
+            if not ready:
+                raise EngineError(
+                    f"trial {trial} round {round_}: no client batch finished within engine.call_timeout_s="
+                    f"{self.timeout}s ({len(pending)} batches pending)"
+                )
+            b = pending.pop(ready[0])
+            try:
+                metas[id(b)] = ray.get(b.meta_ref, timeout=self.timeout)
+            except RayActorError as exc:
+                b.attempts += 1
+                if b.attempts > self.cfg.engine.max_restarts:
+                    raise EngineError(
+                        f"client actor {b.actor} died {b.attempts} times (engine.max_restarts="
+                        f"{self.cfg.engine.max_restarts}) while training clients "
+                        f"{b.jobs[0][0]}..{b.jobs[-1][0]}"
+                    ) from exc
+                self.restarts += 1
+                log.warning(
+                    "client actor %d died in trial %d round %d (clients %d..%d): %s; re-submitting",
+                    b.actor,
+                    trial,
+                    round_,
+                    b.jobs[0][0],
+                    b.jobs[-1][0],
+                    type(exc).__name__,
+                )
+                self.progress(
+                    f"  client actor {b.actor} died; restarted, re-submitting {len(b.jobs)} clients"
+                )
+                self._submit(b, trial, round_, starts_ref)
+                pending[b.meta_ref] = b
+                continue
+            done += len(b.jobs)
+            if time.perf_counter() - last_note > 5.0 and pending:
+                last_note = time.perf_counter()
+                self.progress(
+                    f"  trial {trial} round {round_}: {done}/{total} client updates, {last_note - t0:.1f}s"
+                )
+        out: dict[str, list] = {g: [] for g in groups}
+        for b in batches:  # batch order = client-id order within each group
+            out[b.group].append(([k for k, _ in b.jobs], metas[id(b)], b.upd_ref))
+        return out
+
+    def run_round(self, trial: int, round_: int, starts_ref: Any) -> Any:
+        """Trains, aggregates and records one round; returns the ref of the next round's models."""
+        t0 = time.perf_counter()
+        methods = list(self.cfg.aggregation.methods)
+        groups = [SHARED] if starts_ref is None else methods
+        trained = self.train_round(trial, round_, groups, starts_ref)
+        K = self.cfg.workload.num_clients
+        train_meta: dict[str, dict[int, dict[str, Any]]] = {}
+        payload = []
+        noise = {"noise_level": np.full(K, np.nan), "noise_scale": np.full(K, np.nan)}
+        for g in groups:
+            by_client = {m["client_id"]: m for _, metas, _ in trained[g] for m in metas}
+            train_meta[g] = by_client
+            dropped = sorted(k for k, m in by_client.items() if not m["ok"])
+            for k in dropped:
+                if g == groups[0]:
+                    self.dropouts.append((trial, round_, k))
+                log.warning(
+                    "trial %d round %d: client %d dropped out (group %s):\n%s",
+                    trial,
+                    round_,
+                    k,
+                    g,
+                    by_client[k]["traceback"],
+                )
+            reported = K - len(dropped)
+            need = max(self.cfg.engine.min_clients, 1)
+            if reported < need:
+                raise EngineError(
+                    f"trial {trial} round {round_}: only {reported} of {K} clients reported "
+                    f"(engine.min_clients={self.cfg.engine.min_clients}); dropped: {dropped}"
+                )
+            for k, m in by_client.items():
+                if m["ok"] and not np.isfinite(noise["noise_level"][k]):
+                    noise["noise_level"][k] = m["noise_level"]
+                    noise["noise_scale"][k] = m["noise_scale"]
+            payload.append(
+                {
+                    "methods": methods if g == SHARED else [g],
+                    "dropped": dropped,
+                    "batches": [(ids, ref) for ids, _, ref in trained[g]],
+                }
+            )
+        t_train = time.perf_counter() - t0
+        box = [] if starts_ref is None else [starts_ref]
+        agg_meta, next_ref = self._aggregate(trial, round_, payload, noise, box)
+        round_s = time.perf_counter() - t0
+        prob_attack = self._attack_labels(trial)
+        for method in methods:
+            g = SHARED if starts_ref is None else method
+            am = agg_meta[method]
+            self.extras[(trial, method, round_)] = {
+                "subspace_error": am["subspace_error"],
+                "agg_s": am["agg_s"],
+                "round_s": round_s,
+            }
+            for k in range(K):
+                tm = train_meta[g][k]
+                self.rows.append(
+                    {
+                        "trial": trial,
+                        "method": method,
+                        "round": round_,
+                        "client_id": k,
+                        "contaminated": k in prob_attack,
+                        "attack": prob_attack.get(k, ""),
+                        "detectable": bool(am["detectable"][k]),
+                        "dropped": bool(am["dropped"][k]),
+                        "flagged": bool(am["flagged"][k]),
+                        "reason": am["reason"][k],
+                        "error": float(am["error"][k]),
+                        "test_mse": float(am["test_mse"][k]),
+                        "update_norm": float(am["update_norm"][k]),
+                        "off_subspace": float(am["off_subspace"][k]),
+                        "noise_level": float(noise["noise_level"][k]),
+                        "n_samples": int(tm["n_samples"]),
+                        "bytes_sent": int(tm["bytes_sent"]),
+                        "actor_id": int(tm["actor_id"]),
+                        "train_s": float(tm["train_s"]),
+                    }
+                )
+        n_drop = len(payload[0]["dropped"])
+        self.progress(
+            f"trial {trial} round {round_ + 1}/{self._rounds()}: {K - n_drop}/{K} clients"
+            f"{f' ({n_drop} dropped)' if n_drop else ''}, train {t_train:.1f}s, "
+            f"aggregate {round_s - t_train:.1f}s"
+        )
+        return next_ref
+
+    def _aggregate(self, trial: int, round_: int, payload: list, noise: dict, box: list) -> tuple:
+        for attempt in range(self.cfg.engine.max_restarts + 1):
+            meta_ref, next_ref = self.agg.aggregate.options(num_returns=2).remote(
+                trial, round_, payload, noise, box, self.timeout
+            )
+            try:
+                return ray.get(meta_ref, timeout=self.timeout), next_ref
+            except RayActorError:
+                log.warning(
+                    "aggregator actor died in trial %d round %d (attempt %d); re-submitting",
+                    trial,
+                    round_,
+                    attempt + 1,
+                )
+            except GetTimeoutError as exc:
+                raise EngineError(
+                    f"trial {trial} round {round_}: aggregation took longer than "
+                    f"engine.call_timeout_s={self.timeout}s"
+                ) from exc
+            except RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                raise EngineError(f"aggregation failed: {str(cause).strip().splitlines()[-1]}") from exc
+        raise EngineError(
+            f"aggregator actor died more than engine.max_restarts={self.cfg.engine.max_restarts} times"
+        )
+
+    def _attack_labels(self, trial: int) -> dict[int, str]:
+        # The driver labels its rows with the contaminated set: the same seeded rule the actors use
+        # (building the problem is cheap; client data is never generated here).
+        return self.workload.problem(trial).attack
+
+    def _rounds(self) -> int:
+        return 1 if self.cfg.workload.mode == "one_shot" else self.cfg.workload.rounds
+
+    # ---- whole run ------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg, rounds = self.cfg, self._rounds()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        fp = fingerprint(cfg)
+        trial0, round0, starts = 0, 0, None
+        if cfg.resume:
+            ck = checkpoint.load(self.out_dir)
+            if ck is not None:
+                if ck.fingerprint != fp:
+                    raise EngineError(
+                        f"resume=true but {self.out_dir / checkpoint.FILENAME} was written by a "
+                        f"different config (only output/engine/ray settings may change)"
+                    )
+                trial0, round0 = ck.next_position()
+                starts = ck.starts if round0 > 0 else None
+                self.rows, self.extras = list(ck.client_rows), dict(ck.extras)
+                self.progress(f"resuming at trial {trial0} round {round0} from {self.out_dir}")
+        handler = logging.FileHandler(self.out_dir / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("clair_ray").addHandler(handler)
+        try:
+            with ray_session(cfg):
+                check_resources(cfg)
+                self.start_actors()
+                try:
+                    for trial in range(trial0, cfg.trials):
+                        r_start = round0 if trial == trial0 else 0
+                        starts_ref = ray.put(starts) if (starts is not None and r_start > 0) else None
+                        for round_ in range(r_start, rounds):
+                            starts_ref = self.run_round(trial, round_, starts_ref)
+                            self._checkpoint(fp, trial, round_, rounds, starts_ref)
+                    with contextlib.suppress(Exception):  # pids after any restarts (for the record)
+                        infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout)
+                        self.pids = [i["pid"] for i in infos]
+                finally:
+                    self.stop_actors()
+        finally:
+            logging.getLogger("clair_ray").removeHandler(handler)
+            handler.close()
+        return self.finish()
+
+    def _checkpoint(self, fp: dict, trial: int, round_: int, rounds: int, starts_ref: Any) -> None:
+        last = round_ + 1 >= rounds
+        if self.cfg.engine.checkpoint:
+            starts = None if last else dict(ray.get(starts_ref, timeout=self.timeout))
+            checkpoint.save(
+                self.out_dir,
+                checkpoint.Checkpoint(
+                    fingerprint=fp,
+                    trial=trial,
+                    round=round_,
+                    rounds=rounds,
+                    starts=starts,
+                    client_rows=list(self.rows),
+                    extras=dict(self.extras),
+                ),
+            )
+        if self.cfg.engine.debug_stop_after_round == round_:
+            raise SimulatedCrash(f"engine.debug_stop_after_round={round_}: stopping after the checkpoint")
+
+    def finish(self) -> RunResult:
+        clients_t = results.table(self.rows, results.CLIENT_SCHEMA)
+        clients = clients_t.to_pandas()
+        summary_rows, detection_rows = results.summarize(clients, self.extras)
+        summary_t = results.table(summary_rows, results.SUMMARY_SCHEMA)
+        detection_t = results.table(detection_rows, results.DETECTION_SCHEMA)
+        results.write_tables(
+            self.out_dir, {"clients": clients_t, "summary": summary_t, "detection": detection_t}
+        )
+        return RunResult(
+            out_dir=self.out_dir,
+            clients=clients,
+            summary=summary_t.to_pandas(),
+            detection=detection_t.to_pandas(),
+            restarts=self.restarts,
+            dropouts=self.dropouts,
+            actor_pids=self.pids,
+        )
+
+
+def run_experiment(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> RunResult:
+    """Runs an experiment end to end and writes its results to ``cfg.output_dir``.
+
+    Args:
+        cfg: The validated config.
+        progress: Called with one line per progress event (None: silent).
+
+    Returns:
+        The result tables and fault-handling counters.
+
+    Raises:
+        EngineError: The run could not complete (what and why in the message).
+    """
+    return Runner(cfg, progress).run()

@@ -1,0 +1,250 @@
+"""Result tables: the Arrow schemas (defined here and nowhere else), summaries, files, and the text table.
+
+A run writes into its ``output_dir``:
+
+- ``config.yaml``: the resolved config;
+- ``clients.parquet``: one row per trial × method × round × client (:data:`CLIENT_SCHEMA`);
+- ``summary.parquet``: one row per trial × method × round (:data:`SUMMARY_SCHEMA`);
+- ``detection.parquet``: detection per attack kind, one row per trial × method × round × attack kind
+  (:data:`DETECTION_SCHEMA`).
+
+Detection truth is "contaminated and with update energy outside U above its noise level"
+(``detectable``): in-subspace attacks (sign flip, scaling, IPM) usually fall outside it, because no
+subspace method can see them; they are judged by the honest clients' error, and reported per kind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clair_ray.attacks import in_subspace_attack
+
+CLIENT_SCHEMA = pa.schema(
+    [
+        ("trial", pa.int32()),
+        ("method", pa.string()),
+        ("round", pa.int32()),
+        ("client_id", pa.int32()),
+        ("contaminated", pa.bool_()),
+        ("attack", pa.string()),  # "" for honest clients
+        ("detectable", pa.bool_()),  # detection truth
+        ("dropped", pa.bool_()),  # the client raised: no update this round
+        ("flagged", pa.bool_()),
+        ("reason", pa.string()),  # why it was flagged ("" if not)
+        ("error", pa.float64()),  # ‖W̃_k − W_k‖_F of the model the client ends the round with
+        ("test_mse", pa.float64()),  # held-out MSE per output (exact for the linear workload)
+        ("update_norm", pa.float64()),  # ‖update the server received‖_F
+        ("off_subspace", pa.float64()),  # ‖P_U⊥(update − W_0)‖_F
+        ("noise_level", pa.float64()),  # the client's noise level outside U
+        ("n_samples", pa.int64()),
+        ("bytes_sent", pa.int64()),
+        ("actor_id", pa.int32()),  # which client actor trained it (infrastructure, not a result)
+        ("train_s", pa.float64()),  # timing
+    ]
+)
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("trial", pa.int32()),
+        ("method", pa.string()),
+        ("round", pa.int32()),
+        ("n_clients", pa.int32()),
+        ("n_dropped", pa.int32()),
+        ("n_honest", pa.int32()),
+        ("honest_mean_error", pa.float64()),
+        ("honest_mean_test_mse", pa.float64()),
+        ("subspace_error", pa.float64()),  # ‖ÛÛᵀ − UUᵀ‖_F, NaN if the method has no subspace
+        ("n_flagged", pa.int32()),
+        ("n_detectable", pa.int32()),
+        ("precision", pa.float64()),
+        ("recall", pa.float64()),
+        ("f1", pa.float64()),
+        ("agg_s", pa.float64()),  # timing: this method's aggregation
+        ("round_s", pa.float64()),  # timing: the whole round (training, shared by methods, + aggregation)
+    ]
+)
+
+DETECTION_SCHEMA = pa.schema(
+    [
+        ("trial", pa.int32()),
+        ("method", pa.string()),
+        ("round", pa.int32()),
+        ("attack", pa.string()),
+        ("in_subspace", pa.bool_()),
+        ("n_clients", pa.int32()),
+        ("n_detectable", pa.int32()),
+        ("n_flagged", pa.int32()),
+        ("flag_rate", pa.float64()),
+    ]
+)
+
+#: Columns that measure time or placement: they may differ between runs of the same config.
+NONDETERMINISTIC_COLUMNS = ("train_s", "agg_s", "round_s", "actor_id")
+
+
+def detection_scores(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Precision, recall and F1 of a flagged set against the truth.
+
+    Conventions for empty sets: precision is 1 when nothing is flagged, recall is 1 when nothing is to be
+    found (so a method that correctly flags nobody on a clean run scores 1, 1, 1).
+
+    Args:
+        flagged: (K,) bool.
+        truth: (K,) bool.
+
+    Returns:
+        (precision, recall, f1).
+    """
+    tp = int(np.sum(flagged & truth))
+    fp = int(np.sum(flagged & ~truth))
+    fn = int(np.sum(~flagged & truth))
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) to an Arrow table with exactly ``schema``'s columns."""
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def summarize(
+    clients: pd.DataFrame, extras: dict[tuple[int, str, int], dict[str, float]]
+) -> tuple[list, list]:
+    """Summary and per-attack detection rows from the client rows.
+
+    Detection counts only clients with a valid (reported, finite) update; non-finite ones are excluded
+    before any method sees them, so they are not a method's detection.
+
+    Args:
+        clients: The client table as a DataFrame.
+        extras: (trial, method, round) -> ``subspace_error``, ``agg_s``, ``round_s``.
+
+    Returns:
+        (summary rows, detection rows) as lists of dicts.
+    """
+    summary: list[dict[str, Any]] = []
+    detection: list[dict[str, Any]] = []
+    for (trial, method, rnd), g in clients.groupby(["trial", "method", "round"], sort=False):
+        valid = ~g["dropped"].to_numpy() & (g["reason"].to_numpy() != "non-finite")
+        v = g[valid]
+        honest = g[~g["contaminated"] & ~g["dropped"]]
+        flagged = v["flagged"].to_numpy(bool)
+        truth = v["detectable"].to_numpy(bool)
+        precision, recall, f1 = detection_scores(flagged, truth)
+        ex = extras.get((int(trial), str(method), int(rnd)), {})
+        summary.append(
+            {
+                "trial": trial,
+                "method": method,
+                "round": rnd,
+                "n_clients": len(g),
+                "n_dropped": int(g["dropped"].sum()),
+                "n_honest": len(honest),
+                "honest_mean_error": float(honest["error"].mean()) if len(honest) else math.nan,
+                "honest_mean_test_mse": float(honest["test_mse"].mean()) if len(honest) else math.nan,
+                "subspace_error": ex.get("subspace_error", math.nan),
+                "n_flagged": int(flagged.sum()),
+                "n_detectable": int(truth.sum()),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "agg_s": ex.get("agg_s", math.nan),
+                "round_s": ex.get("round_s", math.nan),
+            }
+        )
+        for attack, a in v[v["contaminated"]].groupby("attack", sort=True):
+            detection.append(
+                {
+                    "trial": trial,
+                    "method": method,
+                    "round": rnd,
+                    "attack": attack,
+                    "in_subspace": in_subspace_attack(str(attack)),
+                    "n_clients": len(a),
+                    "n_detectable": int(a["detectable"].sum()),
+                    "n_flagged": int(a["flagged"].sum()),
+                    "flag_rate": float(a["flagged"].mean()),
+                }
+            )
+    return summary, detection
+
+
+def write_tables(out_dir: str | Path, tables: dict[str, pa.Table]) -> None:
+    """Writes ``name.parquet`` for each table (via a temporary file, so a crash leaves no half file)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, t in tables.items():
+        tmp = out / f".{name}.parquet.tmp"
+        pq.write_table(t, tmp)
+        tmp.replace(out / f"{name}.parquet")
+
+
+def read_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Reads a run directory's tables as DataFrames (``clients``, ``summary``, ``detection``)."""
+    out = Path(out_dir)
+    return {n: pq.read_table(out / f"{n}.parquet").to_pandas() for n in ("clients", "summary", "detection")}
+
+
+def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None) -> str:
+    """The final round's metrics with methods side by side (mean ± std over trials when > 1).
+
+    Args:
+        summary: The summary table.
+        detection: The per-attack detection table (adds one flag-rate row per attack kind).
+
+    Returns:
+        A plain-text table.
+    """
+    last = summary[summary["round"] == summary["round"].max()]
+    methods = list(dict.fromkeys(last["method"]))
+    metrics = [
+        "honest_mean_error",
+        "honest_mean_test_mse",
+        "subspace_error",
+        "precision",
+        "recall",
+        "f1",
+        "n_flagged",
+        "agg_s",
+    ]
+    rows: list[tuple[str, list[str]]] = []
+
+    def cell(values: pd.Series) -> str:
+        values = values.astype(float)
+        if values.isna().all():
+            return "-"
+        if len(values) > 1:
+            return f"{values.mean():.4g}±{values.std(ddof=0):.2g}"
+        return f"{values.iloc[0]:.4g}"
+
+    for m in metrics:
+        rows.append((m, [cell(last[last["method"] == meth][m]) for meth in methods]))
+    if detection is not None and len(detection):
+        d = detection[detection["round"] == detection["round"].max()]
+        for attack in sorted(d["attack"].unique()):
+            label = f"flagged[{attack}]"
+            rows.append(
+                (
+                    label,
+                    [
+                        cell(d[(d["method"] == meth) & (d["attack"] == attack)]["flag_rate"])
+                        for meth in methods
+                    ],
+                )
+            )
+    w0 = max(len(r[0]) for r in rows)
+    widths = [max(len(meth), *(len(r[1][i]) for r in rows)) for i, meth in enumerate(methods)]
+    lines = ["  ".join([" " * w0] + [m.rjust(w) for m, w in zip(methods, widths, strict=True)])]
+    for label, cells in rows:
+        lines.append("  ".join([label.ljust(w0)] + [c.rjust(w) for c, w in zip(cells, widths, strict=True)]))
+    return "\n".join(lines)
