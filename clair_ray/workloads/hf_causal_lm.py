@@ -1,0 +1,380 @@
+"""Any Hugging Face causal LM as a workload: local (or hub) model, local text data, client partitions.
+
+- Model and tokenizer: ``name_or_path`` is a local directory written by ``save_pretrained`` (or a hub id
+  on machines that reach a hub), loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+- Data: a JSONL or Parquet file (or a directory of them) with a ``text`` column and an optional label
+  column, tokenised with the model's tokenizer; the loss is on every real (non-padding) token.
+- Partitions among clients: ``iid`` (equal shares of a seeded permutation), ``dirichlet`` (per label,
+  client shares ~ Dir(alpha): small alpha = each client sees few labels) and ``quantity`` (client sizes ~
+  Dir(alpha), at least ``min_size`` each). All are seeded and cover every sample exactly once.
+- Training, factor extraction and evaluation are the shared LoRA functions of
+  :mod:`clair_ray.workloads.lora`.
+
+:func:`write_tiny_model` writes a tiny GPT-2 or Llama plus a word-level tokenizer trained on a corpus, for
+tests and demos on machines without a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clair_ray.workloads import lora
+
+__all__ = [
+    "PARTITIONS",
+    "HFDataConfig",
+    "PartitionConfig",
+    "client_subset",
+    "evaluate",
+    "load_model",
+    "load_texts",
+    "load_tokenizer",
+    "partition",
+    "partition_dirichlet",
+    "partition_iid",
+    "partition_quantity",
+    "tokenize",
+    "train_client",
+    "write_tiny_model",
+]
+
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity")
+_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass
+class HFDataConfig:
+    """Where the text data is and how to tokenise it.
+
+    Attributes:
+        path: A ``.jsonl`` / ``.parquet`` file or a directory of them (read in sorted name order).
+        text_column: Column with the text.
+        label_column: Optional column with a label (for the Dirichlet partition).
+        max_length: Tokens per sequence (longer texts are truncated, shorter ones padded).
+    """
+
+    path: str = ""
+    text_column: str = "text"
+    label_column: str | None = None
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
+            raise ValueError(f"HFDataConfig.path must be a file or directory, got {self.path!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"HFDataConfig.max_length must be an integer >= 2, got {self.max_length!r}")
+        if not self.text_column:
+            raise ValueError(f"HFDataConfig.text_column must be a column name, got {self.text_column!r}")
+
+
+@dataclass
+class PartitionConfig:
+    """How the samples are split among clients.
+
+    Attributes:
+        kind: "iid", "dirichlet" (needs a label column) or "quantity".
+        alpha: Dirichlet concentration (dirichlet, quantity); smaller = more skewed.
+        min_size: Fewest samples any client may get (dirichlet redraws, quantity reserves them).
+    """
+
+    kind: str = "iid"
+    alpha: float = 0.5
+    min_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in PARTITIONS:
+            raise ValueError(f"PartitionConfig.kind must be one of {PARTITIONS}, got {self.kind!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"PartitionConfig.alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
+            raise ValueError(f"PartitionConfig.min_size must be an integer >= 0, got {self.min_size!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, tokenizer, data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` (eval mode, loss type named so transformers stays quiet)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path))
+    model.eval()
+    return lora.quiet_model(model)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """``AutoTokenizer.from_pretrained``; a missing pad token falls back to EOS (many causal LMs lack one).
+
+    Returns:
+        A transformers ``PreTrainedTokenizerBase``.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer at {name_or_path!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
+        if not files:
+            raise ValueError(f"HFDataConfig.path={str(path)!r}: no .jsonl or .parquet files in the directory")
+        return files
+    if path.suffix not in _SUFFIXES:
+        raise ValueError(f"HFDataConfig.path={str(path)!r}: expected a .jsonl or .parquet file")
+    if not path.exists():
+        raise ValueError(f"HFDataConfig.path={str(path)!r}: no such file")
+    return [path]
+
+
+def load_texts(cfg: HFDataConfig) -> tuple[list[str], list | None]:
+    """Reads texts (and labels) from JSONL / Parquet.
+
+    Args:
+        cfg: The data config.
+
+    Returns:
+        (texts, labels or None), in file order.
+
+    Raises:
+        ValueError: On a missing file or column.
+    """
+    rows: dict[str, list] = {cfg.text_column: []}
+    if cfg.label_column:
+        rows[cfg.label_column] = []
+    for f in _data_files(Path(cfg.path)):
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(f)
+            for col in rows:
+                if col not in table.column_names:
+                    raise ValueError(f"{f}: no column {col!r}; columns: {table.column_names}")
+                rows[col].extend(table.column(col).to_pylist())
+        else:
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    rec = json.loads(line)
+                    for col in rows:
+                        if col not in rec:
+                            raise ValueError(f"{f}:{i + 1}: no field {col!r}")
+                        rows[col].append(rec[col])
+    texts = [str(t) for t in rows[cfg.text_column]]
+    return texts, (rows[cfg.label_column] if cfg.label_column else None)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenises texts to fixed-length rows; padding is masked out of the loss.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``labels`` (n, T), T = min(max_length, longest text);
+        labels are the input ids with -100 on padding.
+    """
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
+    )
+    ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()  # (n, T)
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Partitions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_clients(n: int, n_clients: int, min_size: int = 0) -> None:
+    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+        raise ValueError(f"n_clients must be a positive integer, got {n_clients!r}")
+    if n < n_clients * max(min_size, 0):
+        raise ValueError(f"{n} samples cannot give {n_clients} clients at least min_size={min_size} each")
+
+
+def partition_iid(n: int, n_clients: int, seed: int) -> list[np.ndarray]:
+    """Equal shares (sizes differ by at most 1) of a seeded permutation of ``range(n)``."""
+    _check_clients(n, n_clients)
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(p) for p in np.array_split(perm, n_clients)]
+
+
+def partition_quantity(
+    n: int, n_clients: int, alpha: float, seed: int, min_size: int = 1
+) -> list[np.ndarray]:
+    """Quantity skew: client sizes are ``min_size`` + a Dir(alpha) share of the rest (largest remainder)."""
+    _check_clients(n, n_clients, min_size)
+    rng = np.random.default_rng(seed)
+    props = rng.dirichlet(np.full(n_clients, float(alpha)))  # (K,)
+    extra = n - min_size * n_clients
+    quota = props * extra
+    counts = np.floor(quota).astype(int)
+    counts[np.argsort(-(quota - counts), kind="stable")[: extra - counts.sum()]] += 1
+    sizes = counts + min_size
+    perm = rng.permutation(n)
+    return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+def partition_dirichlet(
+    labels: Sequence, n_clients: int, alpha: float, seed: int, min_size: int = 1, max_tries: int = 100
+) -> list[np.ndarray]:
+    """Label skew: each label's samples are split among clients by shares ~ Dir(alpha).
+
+    Draws are redrawn (from the same seeded generator, so still deterministic) until every client has at
+    least ``min_size`` samples.
+
+    Raises:
+        ValueError: If ``max_tries`` draws never give every client ``min_size`` samples.
+    """
+    labels_arr = np.asarray(labels)
+    n = len(labels_arr)
+    _check_clients(n, n_clients, min_size)
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels_arr.tolist()), key=repr)
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(n_clients)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels_arr == c))
+            props = rng.dirichlet(np.full(n_clients, float(alpha)))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(
+        f"partition_dirichlet: no draw in {max_tries} gave every one of {n_clients} clients "
+        f"min_size={min_size} samples with alpha={alpha}; raise alpha or lower min_size"
+    )
+
+
+def partition(
+    cfg: PartitionConfig, n: int, n_clients: int, seed: int, labels: Sequence | None = None
+) -> list[np.ndarray]:
+    """Dispatches to the partitioner named by ``cfg.kind``; returns K sorted index arrays."""
+    if cfg.kind == "iid":
+        return partition_iid(n, n_clients, seed)
+    if cfg.kind == "quantity":
+        return partition_quantity(n, n_clients, cfg.alpha, seed, cfg.min_size)
+    if labels is None:
+        raise ValueError("PartitionConfig.kind='dirichlet' needs labels (set HFDataConfig.label_column)")
+    if len(labels) != n:
+        raise ValueError(f"labels: {len(labels)} labels for {n} samples")
+    return partition_dirichlet(labels, n_clients, cfg.alpha, seed, cfg.min_size)
+
+
+def client_subset(data: Mapping[str, torch.Tensor], indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """One client's rows of the tokenised data."""
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    return {k: v[idx] for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clients (shared LoRA code)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_client(
+    base: str | os.PathLike | torch.nn.Module,
+    lora_cfg: lora.LoraSpec,
+    data: Mapping[str, torch.Tensor],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> tuple[lora.Factors, float]:
+    """One client's LoRA fine-tuning (see :func:`clair_ray.workloads.lora.train_client`).
+
+    ``base`` may be a model directory / hub id (loaded with :func:`load_model`), a plain model (copied)
+    or a resident peft model (reset and reused).
+    """
+    if isinstance(base, os.PathLike):
+        base = str(base)
+    return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_model)
+
+
+def evaluate(model: torch.nn.Module, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Token loss, exact match (every real token right) and token accuracy."""
+    return lora.evaluate_lm(model, data)
+
+
+def write_tiny_model(
+    out_dir: str | os.PathLike, texts: Sequence[str], arch: str = "gpt2", width: int = 32, seed: int = 0
+) -> Path:
+    """Writes a tiny causal LM and a word-level tokenizer trained on ``texts`` (tests and demos).
+
+    Args:
+        out_dir: Directory to ``save_pretrained`` both into.
+        texts: Corpus for the tokenizer's vocabulary.
+        arch: "gpt2" or "llama".
+        width: Hidden size.
+        seed: Initialisation seed.
+
+    Returns:
+        The directory (load it with :func:`load_model` and :func:`load_tokenizer`).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    out = Path(out_dir)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        list(texts), trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    vocab, pad, eos = len(fast), fast.pad_token_id, fast.eos_token_id
+    ids = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch == "gpt2":
+            conf = GPT2Config(
+                vocab_size=vocab,
+                n_positions=128,
+                n_embd=width,
+                n_layer=1,
+                n_head=2,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **ids,
+            )
+            model: torch.nn.Module = GPT2LMHeadModel(conf)
+        elif arch == "llama":
+            conf = LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                **ids,
+            )
+            model = LlamaForCausalLM(conf)
+        else:
+            raise ValueError(f"arch must be 'gpt2' or 'llama', got {arch!r}")
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
