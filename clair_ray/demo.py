@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     est = inst.estimates
     fedavg = est.mean(dim=0)  # (p, q): FedAvg gives every client the plain mean
     fedavg_basis = torch.linalg.svd(fedavg, full_matrices=False)[0][:, : args.rank]
-    oracle = refine_dense(list(est), inst.subspace, honest)
+    oracle = refine_dense(list(est), inst.subspace, None, honest)
     errors = {
         "local": mean_error(client_errors(est, inst.truth), honest),
         "fedavg": mean_error(client_errors([fedavg] * len(est), inst.truth), honest),

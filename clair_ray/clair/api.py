@@ -38,7 +38,7 @@ from clair_ray.clair.select import (
 )
 
 SOLVERS = ("auto", "admm", "fast")
-SIDES = ("column", "row")
+SIDES = ("column", "row", "both")
 # "auto" uses the exact solver while the (compact) stack has at most this many entries and K is small
 # enough for its path of full SVDs; beyond that the fast path.
 AUTO_EXACT_MAX_ENTRIES = 400_000
@@ -59,7 +59,8 @@ class ClairResult:
             ones. Factor inputs: a :class:`FactoredRefinement` (never dense).
         low_rank: Dense inputs: the K blocks L_k of the decomposition; None for factor inputs.
         sparse: Dense inputs: the K blocks S_k; None for factor inputs.
-        offset: The common offset c (dense inputs with ``offset=True``), else None.
+        offset: The common offset c with ``offset=True``: a (p, q) tensor for dense inputs, the factor
+            pair (C_B, C_A) of the low-rank centre for factor inputs; else None.
         info: How it was solved: solver, rank, lam, tau, noise estimate, threshold, iterations.
     """
 
@@ -70,7 +71,7 @@ class ClairResult:
     refined: list[torch.Tensor] | FactoredRefinement
     low_rank: list[torch.Tensor] | None = None
     sparse: list[torch.Tensor] | None = None
-    offset: torch.Tensor | None = None
+    offset: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -158,6 +159,7 @@ def clair(
     side: str = "column",
     noise_scale: Sequence[float] | torch.Tensor | None = None,
     mad_k: float = 4.0,
+    offset_rank: int | None = None,
 ) -> ClairResult:
     """Runs CLAIR: recovers the shared subspace, flags contaminated clients, refines honest ones.
 
@@ -172,10 +174,14 @@ def clair(
         tau: Nuclear-norm penalty of P1, absolute; 0 solves P0. None: estimated from the noise.
         seed: Seed of the randomized parts.
         side: "column": the shared subspace spans columns (p = output features of a Linear weight);
-            "row": it spans rows (the blocks are transposed first).
+            "row": it spans rows (the blocks are transposed first); "both": detection on the column side,
+            refinement projected on the column and the row subspace (the row problem is solved too; its
+            basis is ``info["row_subspace"]``).
         noise_scale: Optional (K,) relative noise level of each client's estimate (e.g. 1/sqrt(n_k) for
             OLS on n_k samples): scores and lambda_k are scaled by it.
         mad_k: Flagging threshold in robust standard deviations (1.4826 MAD) above the median score.
+        offset_rank: Factor inputs with ``offset=True``: rank of the low-rank centre (default: the
+            largest LoRA rank r').
 
     Returns:
         A :class:`ClairResult`.
@@ -191,11 +197,15 @@ def clair(
     _check_scalar("lam", lam)
     _check_scalar("tau", tau)
     _check_scalar("mad_k", mad_k, positive=True)
+    if offset_rank is not None and (
+        not isinstance(offset_rank, int) or isinstance(offset_rank, bool) or offset_rank < 1
+    ):
+        raise ValueError(f"offset_rank: must be a positive integer, got {offset_rank!r}")
+    common = dict(solver=solver, lam=lam, tau=tau, seed=seed, noise_scale=noise_scale, mad_k=mad_k)
+    if side == "both":
+        return _both_sides(kind, items, rank, offset, offset_rank, common)
     if kind == "factors" and offset:
-        raise ValueError(
-            "offset=True: not supported for factor inputs (the compact form needs a known base); "
-            "pass dense updates or offset=False"
-        )
+        return _factored_offset(items, rank, side, offset_rank, common)
     k_all = len(items)
     if kind == "dense":
         oriented = [b if side == "column" else b.T for b in items]
@@ -276,16 +286,16 @@ def clair(
     out_dtype = items[0].dtype if kind == "dense" else items[0][0].dtype
     subspace = basis.to(out_dtype)
 
+    col_basis, row_basis = (subspace, None) if side == "column" else (None, subspace)
     if kind == "factors":
         refined: list[torch.Tensor] | FactoredRefinement = FactoredRefinement(
-            basis=subspace, factors=items, honest=honest, side=side
+            col_basis, row_basis, items, honest
         )
         return ClairResult(
             subspace, detection.contaminated, detection.scores, detection.reasons, refined, info=info
         )
 
-    refined_oriented = refine_dense(oriented, basis, honest)
-    refined = [b if side == "column" else b.T for b in refined_oriented]
+    refined = refine_dense(items, col_basis, row_basis, honest)
     low_list: list[torch.Tensor] = []
     sparse_list: list[torch.Tensor] = []
     row = {k: i for i, k in enumerate(finite)}
@@ -444,3 +454,125 @@ def _stack_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
         b_pad[i, :, : b.shape[1]] = b
         a_pad[i, : a.shape[0], :] = a
     return b_pad, a_pad
+
+
+def _both_sides(
+    kind: str,
+    items: list[Any],
+    rank: int | None,
+    offset: bool,
+    offset_rank: int | None,
+    common: dict[str, Any],
+) -> ClairResult:
+    """``side="both"``: detection on the column side, refinement projected on both sides.
+
+    The column (output) side is the one the honest clients share (DESIGN.md section 1); the row problem
+    supplies the row subspace V for the refinement m + P_U (M_k - m) P_V. Its own flags are not used:
+    honest rows need not share a subspace (in the linear model every V_k is the client's own), and then
+    the row problem flags honest clients.
+    """
+    col = clair(items, rank, offset=offset, side="column", offset_rank=offset_rank, **common)
+    row = clair(items, rank, offset=offset, side="row", offset_rank=offset_rank, **common)
+    info = dict(col.info, side="both", row=row.info, row_subspace=row.subspace)
+    honest = col.honest
+    if kind == "factors":
+        refined: list[torch.Tensor] | FactoredRefinement = FactoredRefinement(
+            col.subspace, row.subspace, items, honest
+        )
+        return ClairResult(
+            col.subspace, col.contaminated, col.scores, col.reasons, refined, offset=col.offset, info=info
+        )
+    refined = refine_dense(items, col.subspace, row.subspace, honest)
+    return ClairResult(
+        col.subspace,
+        col.contaminated,
+        col.scores,
+        col.reasons,
+        refined,
+        col.low_rank,
+        col.sparse,
+        col.offset,
+        info,
+    )
+
+
+def _low_rank_mean(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], rank: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` truncation of mean_k B_k A_k as factors (C_B (p, rank), C_A (rank, q)).
+
+    The mean [B_1 ... B_n][A_1; ...; A_n] / n is never formed: up to N = 1024 stacked factor columns
+    it is truncated exactly through two QRs; beyond that a randomized range finder (two power steps) works
+    through the factors, so the cost is O(N (p + q) (rank + 10)).
+    """
+    b = torch.cat([x for x, _ in pairs], dim=1).double()  # (p, N)
+    a = torch.cat([y for _, y in pairs], dim=0).double() / len(pairs)  # (N, q)
+    if b.shape[1] <= 1024:
+        # Exact: B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the N x N core gives the truncation. Exactness
+        # keeps noiseless inputs noiseless (a randomized centre left 1e-8 residuals that turned P0 into a
+        # slowly converging P1).
+        q_b, r_b = torch.linalg.qr(b)  # (p, N'), (N', N)
+        q_a, r_a = torch.linalg.qr(a.T)  # (q, N''), (N'', N)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        u, vh = q_b @ u, vh @ q_a.T
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        m = min(rank + 10, b.shape[1], a.shape[1])
+        y = b @ (a @ torch.randn(a.shape[1], m, generator=gen, dtype=torch.float64))  # (p, m)
+        for _ in range(2):
+            q_mat = torch.linalg.qr(y)[0]
+            y = b @ (a @ (a.T @ (b.T @ q_mat)))
+        q_mat = torch.linalg.qr(y)[0]  # (p, m)
+        u, s, vh = torch.linalg.svd((q_mat.T @ b) @ a, full_matrices=False)  # (m, m), (m,), (m, q)
+        u = q_mat @ u
+    k = min(rank, s.shape[0])
+    dtype = pairs[0][0].dtype
+    return (u[:, :k] * s[:k]).to(dtype), vh[:k].to(dtype)
+
+
+def _factored_offset(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    rank: int | None,
+    side: str,
+    offset_rank: int | None,
+    common: dict[str, Any],
+    max_rounds: int = 3,
+) -> ClairResult:
+    """Factor inputs with a common offset: centre by a low-rank robust mean (DESIGN.md section 1, "Scale").
+
+    With c = C_B C_A, each centred update B_k A_k - c = [B_k, -C_B][A_k; C_A] is again a factor pair, so
+    the compact form still applies. The centre starts as the mean over the clients whose update norm lies
+    between the 25th and 75th percentile, then becomes the mean over the clients CLAIR keeps, until that
+    set stops changing. The refinement m + P (M_k - m) Q does not involve c.
+    """
+    k_all = len(pairs)
+    r_c = offset_rank or max(b.shape[1] for b, _ in pairs)
+    b_all, a_all = _stack_factors(pairs)
+    compact_norms = block_norms(
+        compact_factors(b_all, a_all)
+    ).double()  # (K,) ||B_k A_k||_F, nan if not finite
+    del b_all, a_all
+    finite = [k for k in range(k_all) if math.isfinite(float(compact_norms[k]))]
+    if len(finite) < 2:
+        raise ValueError(
+            f"updates: only {len(finite)} of {k_all} client updates are finite; CLAIR needs at least 2"
+        )
+    lo, hi = torch.quantile(compact_norms[finite], torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    keep = [k for k in finite if lo <= float(compact_norms[k]) <= hi] or finite
+    res: ClairResult | None = None
+    for _ in range(max_rounds):
+        c_b, c_a = _low_rank_mean([pairs[k] for k in keep], r_c, common["seed"])
+        centred = [
+            (torch.cat([b, -c_b.to(b.dtype)], dim=1), torch.cat([a, c_a.to(a.dtype)], dim=0))
+            for b, a in pairs
+        ]
+        res = clair(centred, rank, offset=False, side=side, **common)
+        if res.honest == keep:
+            break
+        keep = res.honest
+    assert res is not None
+    col_basis, row_basis = (res.subspace, None) if side == "column" else (None, res.subspace)
+    res.refined = FactoredRefinement(col_basis, row_basis, pairs, res.honest)
+    res.offset = (c_b, c_a)
+    res.info["offset_rank"] = r_c
+    return res

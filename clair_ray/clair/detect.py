@@ -9,7 +9,9 @@ noiseless data, where the honest residuals are rounding errors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,3 +72,36 @@ def flag_by_residual(
                 f"floor {floor:.3g}){extra}"
             )
     return Detection(sorted(reasons), full, threshold, reasons)
+
+
+def combine_modules(results: Mapping[str, Any]) -> Detection:
+    """Combines per-module CLAIR results (one per LoRA module) into one verdict per client.
+
+    A client's evidence is the mean over modules of its score divided by that module's threshold
+    (DESIGN.md section 1, "Scale": so no single large module dominates); it is flagged when the mean
+    exceeds 1, i.e. when it sits above the threshold on average. A client non-finite in any module is
+    flagged with that reason.
+
+    Args:
+        results: Module name -> ``ClairResult`` over the same K clients.
+
+    Returns:
+        A :class:`Detection` with threshold 1 and the evidence as scores.
+    """
+    if not results:
+        raise ValueError("results: empty; pass one ClairResult per module")
+    names = list(results)
+    ratios = torch.stack([results[n].scores.double() / float(results[n].info["threshold"]) for n in names])
+    evidence = ratios.mean(dim=0)  # (K,); +inf where any module saw a non-finite update
+    reasons: dict[int, str] = {}
+    for k in range(evidence.shape[0]):
+        bad = [n for n in names if k in results[n].reasons and results[n].reasons[k].startswith("non-finite")]
+        if bad:
+            reasons[k] = f"non-finite in module(s) {', '.join(bad)}"
+        elif float(evidence[k]) > 1.0:
+            top = names[int(ratios[:, k].argmax())]
+            reasons[k] = (
+                f"residual: mean score/threshold over {len(names)} modules {float(evidence[k]):.3g} > 1 "
+                f"(largest in {top}: {float(ratios[:, k].max()):.3g})"
+            )
+    return Detection(sorted(reasons), evidence, 1.0, reasons)

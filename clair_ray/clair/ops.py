@@ -109,19 +109,31 @@ def compact_factors(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Compact p x r' form of factor pairs: C_k C_k^T = B_k A_k A_k^T B_k^T.
 
     C_k = B_k E_k sqrt(D_k) with A_k A_k^T = E_k D_k E_k^T, a right rotation of B_k A_k restricted to its
-    row space, so every CLAIR quantity computed from C_k equals the one from the dense product.
+    row space, so every CLAIR quantity computed from C_k equals the one from the dense product. The Gram
+    route squares A_k's condition number; for a nearly rank-deficient A_k (condition number above 1e3,
+    e.g. a pair widened by a centre's factors) the square root of its rounding-level eigenvalues would add
+    junk columns of relative size sqrt(eps), which an exact P0 must then fit (measured: ADMM no longer
+    converged in 5000 iterations). Those clients go through a QR of A_k^T instead: A_k^T = Q_k R_k,
+    C_k = B_k R_k^T, exact to rounding.
 
     Args:
         b: (K, p, r') left factors.
         a: (K, r', q) right factors.
 
     Returns:
-        (K, p, r') compact blocks, in b's dtype.
+        (K, p, r') compact blocks, in b's dtype (zero-padded on the right when r' > q).
     """
     gram = torch.bmm(a, a.transpose(1, 2)).double()  # (K, r', r')
-    evals, evecs = torch.linalg.eigh(gram)  # (K, r'), (K, r', r')
+    evals, evecs = torch.linalg.eigh(gram)  # (K, r'), (K, r', r'), ascending
     root = evecs * evals.clamp_min(0.0).sqrt()[:, None, :]  # (K, r', r')
-    return torch.bmm(b, root.to(b.dtype))  # (K, p, r')
+    out = torch.bmm(b, root.to(b.dtype))  # (K, p, r')
+    ill = (evals[:, 0] <= 1e-6 * evals[:, -1]).nonzero().flatten()
+    if len(ill):
+        _, r_mat = torch.linalg.qr(a[ill].transpose(1, 2).double())  # (n, min(q, r'), r')
+        exact = torch.bmm(b[ill].double(), r_mat.transpose(1, 2))  # (n, p, min(q, r'))
+        out[ill] = 0.0
+        out[ill, :, : exact.shape[2]] = exact.to(b.dtype)
+    return out
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from clair_ray import results
 from clair_ray.config import ExperimentConfig, fingerprint, to_dict, to_yaml
@@ -72,6 +72,7 @@ class _Batch:
     group: str
     jobs: list[tuple[int, int]]
     attempts: int = 0
+    unavailable_since: float | None = None  # when the actor was first seen restarting for this batch
     meta_ref: Any = None
     upd_ref: Any = None
 
@@ -206,26 +207,43 @@ class Runner:
             try:
                 metas[id(b)] = ray.get(b.meta_ref, timeout=self.timeout)
             except RayActorError as exc:
-                b.attempts += 1
-                if b.attempts > self.cfg.engine.max_restarts:
+                # A restartable actor that was killed answers ActorUnavailableError until Ray has restarted
+                # it (seconds on a busy machine): that is one death, not one per re-submission, so only
+                # the first unavailability counts; waiting for the restart is bounded by call_timeout_s.
+                waiting = isinstance(exc, ActorUnavailableError) and b.unavailable_since is not None
+                if waiting and time.perf_counter() - b.unavailable_since > self.timeout:
                     raise EngineError(
-                        f"client actor {b.actor} died {b.attempts} times (engine.max_restarts="
-                        f"{self.cfg.engine.max_restarts}) while training clients "
-                        f"{b.jobs[0][0]}..{b.jobs[-1][0]}"
+                        f"client actor {b.actor} did not come back within "
+                        f"engine.call_timeout_s={self.timeout}s"
                     ) from exc
-                self.restarts += 1
-                log.warning(
-                    "client actor %d died in trial %d round %d (clients %d..%d): %s; re-submitting",
-                    b.actor,
-                    trial,
-                    round_,
-                    b.jobs[0][0],
-                    b.jobs[-1][0],
-                    type(exc).__name__,
+                if not waiting:
+                    b.attempts += 1
+                    if b.attempts > self.cfg.engine.max_restarts:
+                        raise EngineError(
+                            f"client actor {b.actor} died {b.attempts} times (engine.max_restarts="
+                            f"{self.cfg.engine.max_restarts}) while training clients "
+                            f"{b.jobs[0][0]}..{b.jobs[-1][0]}"
+                        ) from exc
+                    self.restarts += 1
+                    log.warning(
+                        "client actor %d died in trial %d round %d (clients %d..%d): %s; re-submitting",
+                        b.actor,
+                        trial,
+                        round_,
+                        b.jobs[0][0],
+                        b.jobs[-1][0],
+                        type(exc).__name__,
+                    )
+                    self.progress(
+                        f"  client actor {b.actor} died; restarted, re-submitting {len(b.jobs)} clients"
+                    )
+                b.unavailable_since = (
+                    (b.unavailable_since or time.perf_counter())
+                    if isinstance(exc, ActorUnavailableError)
+                    else None
                 )
-                self.progress(
-                    f"  client actor {b.actor} died; restarted, re-submitting {len(b.jobs)} clients"
-                )
+                if b.unavailable_since is not None:
+                    time.sleep(0.5)  # the restart is under way; don't spin
                 self._submit(b, trial, round_, starts_ref)
                 pending[b.meta_ref] = b
                 continue

@@ -59,9 +59,9 @@ def test_bad_updates() -> None:
         clair_ray.clair(None)
 
 
-def test_offset_with_factor_inputs_is_an_error(inst) -> None:
-    with pytest.raises(ValueError, match=r"offset=True: not supported for factor inputs"):
-        clair_ray.clair(lora_factors(inst, 4), rank=2, offset=True)
+def test_bad_offset_rank(inst) -> None:
+    with pytest.raises(ValueError, match=r"offset_rank: must be a positive integer, got 0"):
+        clair_ray.clair(lora_factors(inst, 4), rank=2, offset=True, offset_rank=0)
 
 
 def test_rank_larger_than_the_columns(inst) -> None:
