@@ -11,10 +11,11 @@ The rule (documented in README "How CLAIR picks its parameters"):
 3. tau: 0 (problem P0) when sigma_hat is at the numerical floor; otherwise
    tau = sigma_hat (nu_max sqrt(p) + sqrt(q sum_k nu_k^2)), the bound on ||[E_1 ... E_K]||_op, so noise
    does not reach L.
-4. lambda: lambda_k = ell * tau * nu_k (ell alone in P0) with ell 0.85 x the largest value on a
-   bisection path whose L has rank r. Larger ell lets contaminated blocks leak into L (rank > r);
-   smaller ell starts to move honest blocks into S. As sigma_hat -> 0, P1 with lambda = ell * tau tends
-   to P0 with lambda = ell, so the two regimes join continuously.
+4. lambda: lambda_k = ell * tau * nu_k (ell alone in P0) with ell the largest value on a bisection
+   path whose L has rank r (0.85 x that in P0, off its degenerate boundary). Larger ell lets
+   contaminated blocks leak into L (rank > r); smaller ell starts to move honest blocks into S. As
+   sigma_hat -> 0, P1 with lambda = ell * tau tends to P0 with lambda = ell, so the two regimes join
+   continuously.
 5. Rank (when not given): the r with the largest drop of the robust fit's median residual, r-1 -> r.
 """
 
@@ -166,8 +167,9 @@ def lambda_path(
             lo = mid
         else:
             hi = mid
-    # Step back from the rank transition: at the boundary itself the problem is degenerate and ADMM
-    # crawls (5000 iterations without converging on a centred factor instance); 0.85 x stays inside
-    # the exact-recovery interval, which spanned a factor of 1.5 or more on every instance tried.
-    ell = BACKOFF * math.exp(lo)
+    # P0: step back from the rank transition. At the boundary itself P0 is degenerate and ADMM crawls
+    # (5000 iterations without converging on a centred factor instance); 0.85 x stays inside the
+    # exact-recovery interval, which spanned a factor of 1.5 or more on every instance tried. In P1 the
+    # boundary is not degenerate, and stepping back would push honest blocks' noise into S.
+    ell = (BACKOFF if tau == 0.0 else 1.0) * math.exp(lo)
     return solve(ell, 1e-9), ell
