@@ -1,6 +1,5 @@
-"""Command line: ``clair-ray run CONFIG [key=value ...]`` and ``clair-ray demo``.
-
-``sweep`` and ``report`` come with a later issue.
+"""Command line: ``clair-ray run CONFIG [key=value ...]``, ``clair-ray sweep SWEEP [key=value ...]``,
+``clair-ray report RESULTS_DIR`` and ``clair-ray demo``.
 """
 
 from __future__ import annotations
@@ -43,6 +42,45 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from clair_ray.config import ConfigError
+    from clair_ray.sweep import SweepError, load_sweep, run_sweep
+
+    try:
+        sw = load_sweep(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"clair-ray sweep: {exc}", file=sys.stderr)
+        return 2
+    from clair_ray.engine import EngineError
+
+    t0 = time.perf_counter()
+    try:
+        out = run_sweep(sw, progress=lambda msg: print(msg, flush=True))
+    except (SweepError, EngineError) as exc:
+        print(f"clair-ray sweep: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nfinished in {time.perf_counter() - t0:.1f}s; results in {out}")
+    print(f"report: clair-ray report {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from clair_ray.report import ReportError, build_report
+
+    try:
+        path, text = build_report(
+            args.results_dir, out_dir=args.out, plots=not args.markdown_only, heading_level=args.heading_level
+        )
+    except (ReportError, FileNotFoundError) as exc:
+        print(f"clair-ray report: {exc}", file=sys.stderr)
+        return 2
+    if args.markdown_only:
+        print(text, end="")
+    else:
+        print(f"wrote {path} and its plots")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from clair_ray.demo import main as demo_main  # lazy: the demo pulls in heavier dependencies
 
@@ -50,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``run`` and ``demo``)."""
+    """The argument parser (subcommands ``run``, ``sweep``, ``report`` and ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="clair-ray", description="Federated fine-tuning under contamination."
     )
@@ -59,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config file (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=3")
     run.set_defaults(func=_run)
+    sweep = sub.add_parser("sweep", help="run a Ray Tune sweep (a config plus a sweep: section)")
+    sweep.add_argument("config", help="sweep YAML (see configs/sweep_*.yaml)")
+    sweep.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides, e.g. sweep.resume=true or trials=2"
+    )
+    sweep.set_defaults(func=_sweep)
+    report = sub.add_parser("report", help="Markdown summary and PNG plots of a run or a sweep")
+    report.add_argument("results_dir", help="a run directory or a sweep's gathered <name>-results directory")
+    report.add_argument("--out", default=None, help="where report.md and the plots go (default: RESULTS_DIR)")
+    report.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="print the Markdown only (no plots; writes report.md only with --out)",
+    )
+    report.add_argument(
+        "--heading-level", type=int, default=1, help="Markdown level of the title (3 to embed in a README)"
+    )
+    report.set_defaults(func=_report)
     # Listed for --help only: main() forwards "demo ..." before parsing.
     sub.add_parser("demo", help="a short demonstration of CLAIR (clair-ray demo --help)")
     return parser

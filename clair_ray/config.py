@@ -22,6 +22,14 @@ METHODS = ("clair", "fedavg", "local", "oracle", "median", "trimmed_mean", "mult
 # Update attacks act on a submitted update; data attacks (``data_<kind>``) corrupt a client's targets.
 UPDATE_ATTACKS = ATTACK_KINDS
 DATA_ATTACKS = DATA_ATTACK_KINDS
+#: The copy-task workload adds two data corruptions of its own (clair_ray.workloads.copy_task) and two
+#: workload-level baselines: FedAvg over the truly honest clients, and local training stopped early.
+COPY_DATA_ATTACKS = (*DATA_ATTACK_KINDS, "data_reversed", "data_flip")
+COPY_METHODS = (*METHODS, "fedavg_honest", "local_early")
+WORKLOADS = ("linear", "copy_task")
+CLAIR_SIDES = ("column", "row", "both")
+DEVICES = ("cpu", "cuda")
+ARCHS = ("gpt2", "llama")
 MODES = ("one_shot", "multi_round")
 NOISE_SCALES = ("reported", "inv_sqrt_n", "none")
 
@@ -89,11 +97,79 @@ class EngineConfig:
 
 
 @dataclass
+class CopyTaskWorkloadConfig:
+    """The copy-task LoRA workload (``workload.name: copy_task``; see clair_ray/workloads/copy_task.py).
+
+    Attributes:
+        arch: Base architecture, ``gpt2`` or ``llama``.
+        vocab_size: V (content tokens 0..V-2, SEP = V-1).
+        prefix_len: Tokens to copy.
+        n_layer: Transformer blocks of the base.
+        n_embd: Width of the base.
+        n_head: Attention heads.
+        base_steps: Full fine-tuning steps of the base on the identity copy (cached on disk by config hash).
+        base_lr: Learning rate of the base training.
+        base_batch_size: Sequences per base training step.
+        base_seed: Seed of the base's initialisation and data.
+        n_common: Substitutions every honest client needs (the shared component).
+        n_personal: Tokens with cluster-dependent substitutions.
+        n_clusters: Groups of honest clients whose personal substitutions conflict.
+        heterogeneity: h in [0, 1]: fraction of personal tokens that conflict across clusters (0: all alike).
+        task_seed: Seed of the substitution maps.
+        lora_r: Adapter rank.
+        lora_alpha: LoRA alpha (effective update (alpha / r) · B A).
+        lora_targets: Target module names (empty: every attention and MLP projection of ``arch``).
+        lora_init_seed: Adapter initialisation seed, the same for every client.
+        n_sequences: Local training sequences per client (the data-size knob).
+        test_sequences: Held-out sequences per honest client for evaluation.
+        steps: Local AdamW steps.
+        early_steps: Steps of the early-stopped local baseline ``local_early`` (0: not recorded).
+        lr: Local AdamW learning rate.
+        train_batch: Sequences per local step.
+        n_flips: Token pairs swapped by the ``data_flip`` corruption.
+        side: CLAIR's projection side for refinement: ``column``, ``row`` or ``both``.
+        device: ``cpu`` or ``cuda`` for the client actors (bf16 on cuda); evaluation runs on CPU.
+        cache_dir: Where the base is cached (None: ``$CLAIR_CACHE`` or ``~/.cache/clair_ray``).
+    """
+
+    arch: str = "gpt2"
+    vocab_size: int = 32
+    prefix_len: int = 8
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    base_steps: int = 300
+    base_lr: float = 3e-3
+    base_batch_size: int = 32
+    base_seed: int = 0
+    n_common: int = 6
+    n_personal: int = 4
+    n_clusters: int = 2
+    heterogeneity: float = 1.0
+    task_seed: int = 0
+    lora_r: int = 4
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=list)
+    lora_init_seed: int = 0
+    n_sequences: int = 8
+    test_sequences: int = 128
+    steps: int = 60
+    early_steps: int = 20
+    lr: float = 3e-3
+    train_batch: int = 8
+    n_flips: int = 2
+    side: str = "both"
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+
+@dataclass
 class WorkloadConfig:
     """The linear-regression workload: Y_k = X_k W_k + noise, W_k = W_0 + U V_kᵀ.
 
     Attributes:
-        name: Workload name (``linear``).
+        name: Workload name (``linear`` or ``copy_task``; the latter reads ``copy_task`` and
+            ``num_clients`` and ignores the linear fields).
         num_clients: K.
         p: Rows of W (input features of the regression; the shared side, U is p × r).
         q: Columns of W (outputs).
@@ -132,6 +208,7 @@ class WorkloadConfig:
     local_steps: int = 5
     lr: float = 0.3
     truth_factor: float = 1.2
+    copy_task: CopyTaskWorkloadConfig = field(default_factory=CopyTaskWorkloadConfig)
 
 
 @dataclass
@@ -208,6 +285,71 @@ def _check(errors: list[str], ok: bool, key: str, value: Any, rule: str) -> None
         errors.append(f"{key}={value!r}: {rule}")
 
 
+def _validate_copy_task(e: list[str], cfg: ExperimentConfig) -> None:
+    """Range checks of ``workload.copy_task`` (and what the copy task needs elsewhere)."""
+    t = cfg.workload.copy_task
+    key = "workload.copy_task"
+    _check(e, t.arch in ARCHS, f"{key}.arch", t.arch, f"must be one of {list(ARCHS)}")
+    for name, lo in (
+        ("vocab_size", 4),
+        ("prefix_len", 1),
+        ("n_layer", 1),
+        ("n_embd", 2),
+        ("n_head", 1),
+        ("base_steps", 0),
+        ("base_batch_size", 1),
+        ("base_seed", 0),
+        ("n_common", 0),
+        ("n_personal", 0),
+        ("n_clusters", 1),
+        ("task_seed", 0),
+        ("lora_r", 1),
+        ("lora_init_seed", 0),
+        ("n_sequences", 1),
+        ("test_sequences", 1),
+        ("steps", 1),
+        ("early_steps", 0),
+        ("train_batch", 1),
+        ("n_flips", 1),
+    ):
+        v = getattr(t, name)
+        _check(e, v >= lo, f"{key}.{name}", v, f"must be >= {lo}")
+    _check(
+        e,
+        t.n_head >= 1 and t.n_embd % t.n_head == 0,
+        f"{key}.n_head",
+        t.n_head,
+        f"must divide n_embd={t.n_embd}",
+    )
+    _check(
+        e,
+        t.n_common + t.n_personal <= t.vocab_size - 1,
+        f"{key}.n_common",
+        t.n_common,
+        f"n_common + n_personal must be <= vocab_size - 1 = {t.vocab_size - 1}",
+    )
+    _check(e, 0.0 <= t.heterogeneity <= 1.0, f"{key}.heterogeneity", t.heterogeneity, "must be in [0, 1]")
+    _check(e, t.early_steps <= t.steps, f"{key}.early_steps", t.early_steps, f"must be <= steps={t.steps}")
+    _check(
+        e, 2 * t.n_flips <= t.vocab_size - 1, f"{key}.n_flips", t.n_flips, "must be <= (vocab_size - 1) / 2"
+    )
+    for name in ("lr", "base_lr", "lora_alpha"):
+        v = getattr(t, name)
+        _check(e, math.isfinite(v) and v > 0, f"{key}.{name}", v, "must be finite and > 0")
+    _check(e, t.side in CLAIR_SIDES, f"{key}.side", t.side, f"must be one of {list(CLAIR_SIDES)}")
+    _check(e, t.device in DEVICES, f"{key}.device", t.device, f"must be one of {list(DEVICES)}")
+    if t.device == "cuda":  # Ray hides every GPU from an actor that reserved none
+        g = cfg.engine.actor_num_gpus
+        _check(e, g > 0, "engine.actor_num_gpus", g, "must be > 0 with workload.copy_task.device=cuda")
+    _check(
+        e, cfg.workload.mode == "one_shot", "workload.mode", cfg.workload.mode, "copy_task runs one_shot only"
+    )
+    if "local_early" in cfg.aggregation.methods:
+        _check(
+            e, t.early_steps >= 1, f"{key}.early_steps", t.early_steps, "must be >= 1 for method local_early"
+        )
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Range-checks every value; raises one ConfigError listing each bad key and value.
 
@@ -225,7 +367,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(e, cfg.trials >= 1, "trials", cfg.trials, "must be >= 1")
     _check(e, cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     _check(e, bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
-    _check(e, w.name == "linear", "workload.name", w.name, "must be one of ['linear']")
+    _check(e, w.name in WORKLOADS, "workload.name", w.name, f"must be one of {list(WORKLOADS)}")
+    copy = w.name == "copy_task"
+    methods_known = COPY_METHODS if copy else METHODS
+    if copy:
+        _validate_copy_task(e, cfg)
     _check(e, w.num_clients >= 2, "workload.num_clients", w.num_clients, "must be >= 2")
     for key in ("p", "q", "r"):
         _check(e, getattr(w, key) >= 1, f"workload.{key}", getattr(w, key), "must be >= 1")
@@ -243,7 +389,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(e, 0 < w.lr < 2, "workload.lr", w.lr, "must be in (0, 2) (gradient steps on whitened inputs)")
     _check(e, w.truth_factor > 0, "workload.truth_factor", w.truth_factor, "must be > 0")
     _check(e, 0 <= c.fraction < 1, "contamination.fraction", c.fraction, "must be in [0, 1)")
-    known = UPDATE_ATTACKS + DATA_ATTACKS
+    known = UPDATE_ATTACKS + (COPY_DATA_ATTACKS if copy else DATA_ATTACKS)
     for kind, weight in c.mix.items():
         _check(e, kind in known, f"contamination.mix.{kind}", weight, f"unknown attack; known: {list(known)}")
         _check(e, weight >= 0, f"contamination.mix.{kind}", weight, "must be >= 0")
@@ -253,11 +399,26 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _check(e, kind in known, f"contamination.params.{kind}", c.params[kind], "unknown attack")
     _check(e, len(a.methods) >= 1, "aggregation.methods", list(a.methods), "must name at least one method")
     for i, m in enumerate(a.methods):
-        _check(e, m in METHODS, f"aggregation.methods[{i}]", m, f"must be one of {list(METHODS)}")
+        _check(e, m in methods_known, f"aggregation.methods[{i}]", m, f"must be one of {list(methods_known)}")
     _check(e, len(set(a.methods)) == len(a.methods), "aggregation.methods", list(a.methods), "has duplicates")
     for m in a.params:
-        _check(e, m in METHODS, f"aggregation.params.{m}", a.params[m], f"must be one of {list(METHODS)}")
-    if a.rank is not None:
+        _check(
+            e,
+            m in methods_known,
+            f"aggregation.params.{m}",
+            a.params[m],
+            f"must be one of {list(methods_known)}",
+        )
+    if a.rank is not None and copy:
+        r_max = w.copy_task.lora_r
+        _check(
+            e,
+            1 <= a.rank <= r_max,
+            "aggregation.rank",
+            a.rank,
+            f"must be in [1, workload.copy_task.lora_r={r_max}]",
+        )
+    elif a.rank is not None:
         _check(e, 1 <= a.rank <= min(w.p, w.q), "aggregation.rank", a.rank, "must be in [1, min(p, q)]")
     if a.assumed_fraction is not None:
         _check(

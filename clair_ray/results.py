@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clair_ray.attacks import in_subspace_attack
+from clair_ray.attacks import IN_SUBSPACE_KINDS
 
 CLIENT_SCHEMA = pa.schema(
     [
@@ -41,6 +41,8 @@ CLIENT_SCHEMA = pa.schema(
         ("reason", pa.string()),  # why it was flagged ("" if not)
         ("error", pa.float64()),  # ‖W̃_k − W_k‖_F of the model the client ends the round with
         ("test_mse", pa.float64()),  # held-out MSE per output (exact for the linear workload)
+        ("test_loss", pa.float64()),  # LM workloads: held-out target loss (NaN for the linear workload)
+        ("exact_match", pa.float64()),  # LM workloads: held-out exact-match accuracy (NaN for linear)
         ("update_norm", pa.float64()),  # ‖update the server received‖_F
         ("off_subspace", pa.float64()),  # ‖P_U⊥(update − W_0)‖_F
         ("noise_level", pa.float64()),  # the client's noise level outside U
@@ -61,6 +63,8 @@ SUMMARY_SCHEMA = pa.schema(
         ("n_honest", pa.int32()),
         ("honest_mean_error", pa.float64()),
         ("honest_mean_test_mse", pa.float64()),
+        ("honest_mean_test_loss", pa.float64()),  # LM workloads (NaN for the linear workload)
+        ("honest_mean_exact_match", pa.float64()),  # LM workloads (NaN for the linear workload)
         ("subspace_error", pa.float64()),  # ‖ÛÛᵀ − UUᵀ‖_F, NaN if the method has no subspace
         ("n_flagged", pa.int32()),
         ("n_detectable", pa.int32()),
@@ -117,6 +121,13 @@ def table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=schema)
 
 
+def _mean(rows: pd.DataFrame, column: str) -> float:
+    """Mean of a column that older client tables may lack (NaN when missing, empty or all NaN)."""
+    if column not in rows.columns or not len(rows) or rows[column].isna().all():
+        return math.nan
+    return float(rows[column].mean())
+
+
 def summarize(
     clients: pd.DataFrame, extras: dict[tuple[int, str, int], dict[str, float]]
 ) -> tuple[list, list]:
@@ -152,6 +163,8 @@ def summarize(
                 "n_honest": len(honest),
                 "honest_mean_error": float(honest["error"].mean()) if len(honest) else math.nan,
                 "honest_mean_test_mse": float(honest["test_mse"].mean()) if len(honest) else math.nan,
+                "honest_mean_test_loss": _mean(honest, "test_loss"),
+                "honest_mean_exact_match": _mean(honest, "exact_match"),
                 "subspace_error": ex.get("subspace_error", math.nan),
                 "n_flagged": int(flagged.sum()),
                 "n_detectable": int(truth.sum()),
@@ -169,7 +182,9 @@ def summarize(
                     "method": method,
                     "round": rnd,
                     "attack": attack,
-                    "in_subspace": in_subspace_attack(str(attack)),
+                    # Workload-specific data corruptions (copy task: data_reversed, data_flip) are
+                    # not in attacks.py's list; like every data attack they are not in-subspace.
+                    "in_subspace": str(attack) in IN_SUBSPACE_KINDS,
                     "n_clients": len(a),
                     "n_detectable": int(a["detectable"].sum()),
                     "n_flagged": int(a["flagged"].sum()),
@@ -210,6 +225,8 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
     metrics = [
         "honest_mean_error",
         "honest_mean_test_mse",
+        "honest_mean_test_loss",
+        "honest_mean_exact_match",
         "subspace_error",
         "precision",
         "recall",
@@ -227,7 +244,18 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
             return f"{values.mean():.4g}±{values.std(ddof=0):.2g}"
         return f"{values.iloc[0]:.4g}"
 
+    # Metrics a workload does not produce (all NaN: test loss for the linear workload, the parameter error
+    # for LM workloads) are left out rather than printed as a row of dashes.
+    optional = {
+        "honest_mean_error",
+        "honest_mean_test_mse",
+        "honest_mean_test_loss",
+        "honest_mean_exact_match",
+        "subspace_error",
+    }
     for m in metrics:
+        if m not in last.columns or (m in optional and last[m].isna().all()):
+            continue
         rows.append((m, [cell(last[last["method"] == meth][m]) for meth in methods]))
     if detection is not None and len(detection):
         d = detection[detection["round"] == detection["round"].max()]

@@ -16,7 +16,10 @@ from clair_ray.config import (
     to_yaml,
 )
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL_YAML = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+# sweep_*.yaml are experiment configs plus a sweep: section (clair_ray/sweep.py)
+CONFIGS = [p for p in ALL_YAML if not p.name.startswith("sweep_")]
+SWEEPS = [p for p in ALL_YAML if p.name.startswith("sweep_")]
 
 
 def test_configs_dir_is_not_empty() -> None:
@@ -29,6 +32,18 @@ def test_every_shipped_config_loads_and_validates(path: Path) -> None:
     assert isinstance(cfg, ExperimentConfig)
     assert path.read_text().startswith("#"), "each config starts with a header comment showing the command"
     assert "clair-ray run" in path.read_text().splitlines()[1] + path.read_text().splitlines()[2]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_loads_and_validates_each_trial(path: Path) -> None:
+    from clair_ray.sweep import candidate_points, load_sweep, trial_config
+
+    sw = load_sweep(path)  # validates every grid point's config
+    assert sw.sweep.params, "a sweep varies something"
+    for point in candidate_points(sw.sweep):
+        assert isinstance(trial_config(sw.base, point), ExperimentConfig)
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#") and any("clair-ray sweep" in line for line in lines[1:6])
 
 
 def test_linear_yaml_is_the_acceptance_setting() -> None:

@@ -256,6 +256,17 @@ class AggregatorActor:
         Returns:
             See :func:`aggregate_round`.
         """
+        own = getattr(self.workload, "aggregate_round", None)
+        if own is not None:
+            # Workloads with their own update format aggregate (and evaluate) themselves; the payloads
+            # are fetched here, zero-copy, as for the dense path.
+            fetched = []
+            for g in groups:
+                arrays = ray.get([ref for _, ref in g["batches"]], timeout=timeout_s)
+                batches = [(ids, arr) for (ids, _), arr in zip(g["batches"], arrays, strict=True)]
+                fetched.append({**g, "batches": batches})
+            prev = ray.get(prev_box[0], timeout=timeout_s) if prev_box else None
+            return own(trial, round_, fetched, noise, prev)
         K, p, q = self.cfg.workload.num_clients, self.cfg.workload.p, self.cfg.workload.q
         plain: list[Group] = []
         for g in groups:

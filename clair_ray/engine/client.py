@@ -56,7 +56,7 @@ class ClientWorker:
         group: str,
         jobs: list[tuple[int, int]],
         starts: np.ndarray | None,
-    ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    ) -> tuple[list[dict[str, Any]], Any]:
         """Trains a batch of virtual clients.
 
         Args:
@@ -71,7 +71,9 @@ class ClientWorker:
         Returns:
             Per-client metadata (``client_id, ok, traceback, noise_level, noise_scale, n_samples,
             update_norm, bytes_sent, actor_id, train_s``) and the (B, p, q) updates; a client that raised
-            gets a NaN row and ``ok=False`` with its traceback.
+            gets a NaN row and ``ok=False`` with its traceback. A workload with a ``train_batch`` method
+            returns its own update payload instead of the (B, p, q) array (the copy task: per-module
+            factor pairs).
         """
         self.calls += 1
         eng = self.cfg.engine
@@ -81,6 +83,11 @@ class ClientWorker:
             marker.write_text(str(os.getpid()))
         if eng.debug_delay_s > 0:
             time.sleep(eng.debug_delay_s)
+        train_batch = getattr(self.workload, "train_batch", None)
+        if train_batch is not None:
+            # Workloads with their own update format (per-module LoRA factors) train a whole batch at once
+            # (several clients in one forward/backward) and build the same per-client metadata.
+            return train_batch(trial, round_, jobs, self.actor_id, list(eng.debug_fail_clients))
         p, q = self.cfg.workload.p, self.cfg.workload.q
         updates = np.full((len(jobs), p, q), np.nan)  # (B, p, q)
         meta: list[dict[str, Any]] = []

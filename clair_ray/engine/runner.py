@@ -330,6 +330,9 @@ class Runner:
                         "reason": am["reason"][k],
                         "error": float(am["error"][k]),
                         "test_mse": float(am["test_mse"][k]),
+                        # LM workloads only (NaN for the linear workload).
+                        "test_loss": float(am["test_loss"][k]) if "test_loss" in am else float("nan"),
+                        "exact_match": float(am["exact_match"][k]) if "exact_match" in am else float("nan"),
                         "update_norm": float(am["update_norm"][k]),
                         "off_subspace": float(am["off_subspace"][k]),
                         "noise_level": float(noise["noise_level"][k]),
@@ -386,6 +389,9 @@ class Runner:
         cfg, rounds = self.cfg, self._rounds()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        prepare = getattr(self.workload, "prepare", None)
+        if prepare is not None:  # e.g. build the cached base model once, before any actor loads it
+            prepare(self.progress)
         fp = fingerprint(cfg)
         trial0, round0, starts = 0, 0, None
         if cfg.resume:

@@ -1,11 +1,17 @@
 """Workloads: what a virtual client trains. ``get_workload(cfg)`` picks one by ``workload.name``.
 
-Only the linear-regression workload exists so far; the copy-task transformer and the Hugging Face causal
-LM come with later issues and implement the same methods (problem, train, errors, off_subspace_energy,
-subspace_error, initial_model).
+- ``linear``: linear regression (:class:`LinearWorkload`); the engine's dense path calls its ``problem,
+  train, errors, off_subspace_energy, subspace_error, initial_model``.
+- ``copy_task``: the paper's copy-task LoRA workload
+  (:class:`clair_ray.workloads.copy_task_engine.CopyTaskWorkload`). Its updates are per-module LoRA
+  factor pairs, so it brings its own ``prepare`` (driver: build the cached base), ``train_batch`` (client
+  actors) and ``aggregate_round`` (aggregator actor), which the engine calls when a workload has them.
+  Imported lazily: it pulls in transformers and peft.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from clair_ray.config import ExperimentConfig
 from clair_ray.workloads.linear import LinearWorkload
@@ -13,7 +19,7 @@ from clair_ray.workloads.linear import LinearWorkload
 __all__ = ["LinearWorkload", "get_workload"]
 
 
-def get_workload(cfg: ExperimentConfig) -> LinearWorkload:
+def get_workload(cfg: ExperimentConfig) -> Any:
     """The workload named by ``cfg.workload.name``.
 
     Args:
@@ -27,4 +33,8 @@ def get_workload(cfg: ExperimentConfig) -> LinearWorkload:
     """
     if cfg.workload.name == "linear":
         return LinearWorkload(cfg)
+    if cfg.workload.name == "copy_task":
+        from clair_ray.workloads.copy_task_engine import CopyTaskWorkload
+
+        return CopyTaskWorkload(cfg)
     raise ValueError(f"workload.name={cfg.workload.name!r}: unknown workload")

@@ -1,0 +1,419 @@
+"""``clair-ray report RESULTS_DIR``: a Markdown summary and PNG plots of a run or a gathered sweep.
+
+RESULTS_DIR is a run directory (``clair-ray run``'s ``output_dir``) or a sweep's gathered
+``<name>-results`` directory (:func:`read_sweep` reads it, partitioned or compacted by
+:func:`compact_results`). The report uses each run's final round. Seeds are replicates: the engine's
+``trial`` column, and ``seed`` when it is swept. Every other swept key is a condition. Plots:
+
+- ``detection_f1.png``: CLAIR's detection F1 vs ``contamination.fraction``, one line per attack kind (F1 over
+  the honest clients plus that attack's clients; kinds with nothing detectable are left out and listed);
+- ``honest_error.png``: honest clients' mean error vs ``contamination.fraction``, one line per method;
+- ``subspace_error.png``: subspace error vs ``workload.noise_std`` for the methods that estimate one;
+- ``gain_heatmap.png``: FedAvg's honest error divided by CLAIR's, over contamination × heterogeneity.
+
+Error bars are ±1 standard deviation over seeds. When a condition besides the x axis varies, the first
+such key splits the plot into panels and any others are averaged (the report says which). A plot whose x
+key did not vary is skipped, with a line in ``report.md`` saying why. ``report.md`` holds no timings and no
+random trial ids, so the same results always give the same text (the README's tables are this output).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+
+from clair_ray import results
+from clair_ray.sweep import PARTITION, TABLES
+
+FRACTION, HETEROGENEITY, NOISE = "contamination.fraction", "workload.heterogeneity", "workload.noise_std"
+COPY_HETEROGENEITY = "workload.copy_task.heterogeneity"  # the copy-task workload's own knob
+REPLICATES = ("seed",)  # swept keys that are replicates, not conditions
+MAX_PANELS = 4
+
+
+def read_sweep(results_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Reads a gathered dataset: ``clients``, ``summary``, ``detection`` (with ``sweep_trial`` and the
+    parameter columns) and ``trials``."""
+    root = Path(results_dir)
+    part = pads.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+    out = {}
+    for name in TABLES:
+        if (root / name).is_dir():
+            df = pads.dataset(root / name, format="parquet", partitioning=part).to_table().to_pandas()
+        elif (root / f"{name}.parquet").exists():  # a compact copy (see compact_results)
+            df = pq.read_table(root / f"{name}.parquet").to_pandas()
+        else:
+            schema = {"clients": results.CLIENT_SCHEMA, "summary": results.SUMMARY_SCHEMA}.get(
+                name, results.DETECTION_SCHEMA
+            )
+            df = schema.empty_table().to_pandas()
+        out[name] = df
+    out["trials"] = pq.read_table(root / "trials.parquet").to_pandas()
+    return out
+
+
+def compact_results(results_dir: str | Path, dest: str | Path) -> Path:
+    """Copies a gathered dataset into one file per table (small enough to commit; :func:`read_sweep`
+    and the report read both layouts). Trial directories (absolute paths) are left out.
+
+    Args:
+        results_dir: The gathered dataset.
+        dest: The new directory.
+
+    Returns:
+        ``dest``.
+    """
+    src, dest = Path(results_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tables = read_sweep(src)
+    order = [PARTITION, "trial", "method", "round"]
+    for name in TABLES:
+        df = tables[name].sort_values([c for c in order if c in tables[name].columns], kind="stable")
+        pq.write_table(
+            pa.Table.from_pandas(df, preserve_index=False), dest / f"{name}.parquet", compression="zstd"
+        )
+    trials = tables["trials"].drop(columns=["trial_dir"])
+    pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), dest / "trials.parquet")
+    (dest / "sweep.yaml").write_text((src / "sweep.yaml").read_text())
+    return dest
+
+
+def swept_params(results_dir: str | Path) -> list[str]:
+    """The swept parameter keys recorded in a gathered dataset's ``sweep.yaml``."""
+    doc = OmegaConf.load(Path(results_dir) / "sweep.yaml")
+    return list(doc.sweep.params.keys())  # type: ignore[union-attr]
+
+
+def is_sweep_results(path: str | Path) -> bool:
+    """Whether ``path`` is a gathered sweep dataset (rather than a single run directory)."""
+    return (Path(path) / "trials.parquet").exists() and (Path(path) / "sweep.yaml").exists()
+
+
+class ReportError(ValueError):
+    """RESULTS_DIR is neither a run directory nor a gathered sweep."""
+
+
+class Results:
+    """The final-round tables of a run or a sweep, with one column per swept key.
+
+    Attributes:
+        source: The directory read.
+        kind: ``run`` or ``sweep``.
+        params: Swept keys (empty for a run).
+        conditions: Swept keys that are not replicates.
+        clients: Final-round client rows.
+        summary: Final-round summary rows.
+        n_runs: Number of simulations (sweep trials) read.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.source = Path(path)
+        if is_sweep_results(self.source):
+            self.kind = "sweep"
+            tables = read_sweep(self.source)
+            self.params = swept_params(self.source)
+            self.base = OmegaConf.to_container(OmegaConf.load(self.source / "sweep.yaml").base)
+        elif (self.source / "summary.parquet").exists():
+            self.kind = "run"
+            tables = results.read_tables(self.source)
+            for t in tables.values():
+                t[PARTITION] = "run"
+            self.params = []
+            cfg_file = self.source / "config.yaml"
+            self.base = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.exists() else {}
+        else:
+            raise ReportError(
+                f"{self.source}: neither a run directory (summary.parquet) nor a gathered sweep "
+                f"(trials.parquet and sweep.yaml)"
+            )
+        self.conditions = [p for p in self.params if p not in REPLICATES]
+        self.clients = self._final(tables["clients"])
+        self.summary = self._final(tables["summary"])
+        self.n_runs = int(self.summary[PARTITION].nunique()) if len(self.summary) else 0
+        # LM workloads have no parameter error: judge honest clients by their held-out loss there
+        loss = "honest_mean_test_loss"
+        has_error = len(self.summary) and self.summary["honest_mean_error"].notna().any()
+        self.metric = "honest_mean_error" if has_error or loss not in self.summary else loss
+        self.metric_label = "mean error ‖W̃_k − W_k‖_F" if self.metric == "honest_mean_error" else "test loss"
+        self.het = COPY_HETEROGENEITY if COPY_HETEROGENEITY in self.params else HETEROGENEITY
+
+    @staticmethod
+    def _final(df: pd.DataFrame) -> pd.DataFrame:
+        if not len(df):
+            return df
+        last = df.groupby(PARTITION)["round"].transform("max")
+        return df[df["round"] == last].reset_index(drop=True)
+
+    def varied(self, key: str) -> bool:
+        """Whether ``key`` was swept with at least two distinct values in the data."""
+        return key in self.params and self.summary[key].nunique() >= 2
+
+    def methods(self) -> list[str]:
+        """Methods in the order they were run."""
+        return list(dict.fromkeys(self.summary["method"]))
+
+
+def _fmt(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.3g} ± {std:.2g}" if math.isfinite(std) and std > 0 else f"{mean:.3g}"
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    v = values.astype(float).dropna()
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=0))
+
+
+def attack_f1(res: Results, method: str = "clair") -> pd.DataFrame:
+    """Per-attack detection F1 of one method, one row per run, engine trial and attack kind.
+
+    F1 is computed over the honest clients plus the clients of that attack (valid updates only), so
+    false positives among honest clients count against every attack kind.
+    """
+    c = res.clients[(res.clients["method"] == method) & ~res.clients["dropped"]]
+    c = c[c["reason"] != "non-finite"]
+    rows: list[dict[str, Any]] = []
+    for (run, trial), g in c.groupby([PARTITION, "trial"], sort=False):
+        honest = g[~g["contaminated"]]
+        first = g.iloc[0]
+        for attack, a in g[g["contaminated"]].groupby("attack", sort=True):
+            sub = pd.concat([honest, a])
+            _, _, f1 = results.detection_scores(
+                sub["flagged"].to_numpy(bool), sub["detectable"].to_numpy(bool)
+            )
+            rows.append(
+                {
+                    PARTITION: run,
+                    "trial": trial,
+                    "attack": attack,
+                    "n_detectable": int(a["detectable"].sum()),
+                    "f1": f1,
+                    **{k: first[k] for k in res.params},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _panels(res: Results, x: str, exclude: tuple[str, ...] = ()) -> tuple[str | None, list[str]]:
+    others = [k for k in res.conditions if k != x and k not in exclude and res.varied(k)]
+    panel = others[0] if others and res.summary[others[0]].nunique() <= MAX_PANELS else None
+    averaged = [k for k in others if k != panel]
+    return panel, averaged
+
+
+def _line_plot(
+    res: Results, df: pd.DataFrame, x: str, hue: str, y: str, ylabel: str, title: str, path: Path, logy: bool
+) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panel, averaged = _panels(res, x)
+    keys = sorted(df[panel].unique()) if panel else [None]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False, sharey=True)
+    for ax, pv in zip(axes[0], keys, strict=True):
+        d = df if panel is None else df[df[panel] == pv]
+        for h, g in d.groupby(hue, sort=False):
+            stats = g.groupby(x)[y].agg(["mean", "std"]).reset_index().sort_values(x)
+            ax.errorbar(
+                stats[x], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=str(h)
+            )
+        ax.set_xlabel(x)
+        ax.set_title(title if panel is None else f"{title}\n{panel} = {pv}", fontsize=9)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7, title=hue, title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"averaged over {', '.join(averaged)}" if averaged else ""
+
+
+def _heatmap(res: Results, gain: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    piv = gain.pivot_table(index=res.het, columns=FRACTION, values="gain", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.2 * piv.shape[1] + 2.5, 0.8 * piv.shape[0] + 2))
+    im = ax.imshow(piv.to_numpy(), origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xticks(range(piv.shape[1]), [f"{v:g}" for v in piv.columns])
+    ax.set_yticks(range(piv.shape[0]), [f"{v:g}" for v in piv.index])
+    ax.set_xlabel(FRACTION)
+    ax.set_ylabel(res.het)
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            ax.text(j, i, f"{piv.iat[i, j]:.2f}x", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"FedAvg / CLAIR, honest clients' {res.metric_label}")
+    ax.set_title("CLAIR's gain over FedAvg (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _gain(res: Results) -> pd.DataFrame:
+    s = res.summary[res.summary["method"].isin(["clair", "fedavg"])]
+    keys = [PARTITION, "trial", *res.params]
+    wide = s.pivot_table(index=keys, columns="method", values=res.metric).reset_index()
+    wide["gain"] = wide["fedavg"] / wide["clair"]
+    return wide
+
+
+def _table(df: pd.DataFrame, rows: list[str], col: str, y: str, col_order: list[Any]) -> list[str]:
+    """A Markdown table: one row per combination of ``rows``, one column per value of ``col``."""
+    head = [*rows] if rows else ["all runs"]
+    # a parameter's values are labelled with its key; a method or attack name stands for itself
+    labels = [
+        f"{col} = {c:g}" if isinstance(c, float | int | np.floating | np.integer) else str(c)
+        for c in col_order
+    ]
+    lines = ["| " + " | ".join(head + labels) + " |"]
+    lines.append("|" + "---|" * (len(head) + len(col_order)))
+    groups = df.groupby(rows, sort=True) if rows else [((), df)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        cells = [f"{v:g}" if isinstance(v, float | int | np.floating | np.integer) else str(v) for v in key]
+        if not rows:
+            cells = [f"{g[PARTITION].nunique()} run(s)"]
+        for c in col_order:
+            cells.append(_fmt(*_mean_std(g[g[col] == c][y])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def build_report(
+    results_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True, heading_level: int = 1
+) -> tuple[Path | None, str]:
+    """Builds the report: the Markdown text, written with the PNG plots to ``out_dir``.
+
+    Args:
+        results_dir: A run directory or a gathered sweep.
+        out_dir: Where ``report.md`` and the plots go (None: ``results_dir``, or nowhere when ``plots``
+            is False: the Markdown is only returned).
+        plots: Also draw the PNG plots.
+        heading_level: Markdown level of the title (sections one below), e.g. 3 to embed it in a README.
+
+    Returns:
+        (path of ``report.md`` or None, the Markdown).
+
+    Raises:
+        ReportError: ``results_dir`` holds neither kind of results.
+    """
+    res = Results(results_dir)
+    out = Path(out_dir) if out_dir is not None else (res.source if plots else None)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    methods = res.methods()
+    h1, h2 = "#" * heading_level, "#" * (heading_level + 1)
+    md = [f"{h1} Report: {res.base.get('name', res.source.name)}", ""]
+    w = res.base.get("workload", {})
+    md.append(
+        f"{res.kind}, {res.n_runs} simulation(s), engine trials per simulation: {res.base.get('trials', 1)}; "
+        f"workload {w.get('name')} with K={w.get('num_clients')}"
+        + (f", p={w.get('p')}, q={w.get('q')}, r={w.get('r')}" if w.get("name") == "linear" else "")
+        + "; final round of each run; mean ± std over seeds."
+    )
+    if res.params:
+        md.append("")
+        md.append(
+            "Swept: " + "; ".join(f"`{k}` ∈ {sorted(res.summary[k].unique().tolist())}" for k in res.params)
+        )
+    md += ["", f"{h2} Honest clients' {res.metric_label}", ""]
+    md += _table(res.summary, res.conditions, "method", res.metric, methods)
+    f1 = attack_f1(res) if "clair" in methods else pd.DataFrame()
+    if len(f1):
+        visible = sorted(f1.groupby("attack")["n_detectable"].sum().loc[lambda s: s > 0].index)
+        hidden = sorted(set(f1["attack"]) - set(visible))
+        md += ["", f"{h2} CLAIR's detection F1 per attack", ""]
+        if visible:
+            md += _table(f1[f1["attack"].isin(visible)], res.conditions, "attack", "f1", visible)
+        if hidden:
+            md += [
+                "",
+                f"Left out (no client with energy outside U, judged by honest error): {', '.join(hidden)}.",
+            ]
+    can_gain = {"clair", "fedavg"} <= set(methods)
+    if can_gain:
+        md += ["", f"{h2} CLAIR's gain over FedAvg (FedAvg's honest {res.metric_label} / CLAIR's)", ""]
+        g = _gain(res)
+        rows = [k for k in res.conditions if k != FRACTION]
+        if FRACTION in res.conditions:
+            md += _table(g, rows, FRACTION, "gain", sorted(g[FRACTION].unique()))
+        else:
+            g["all"] = "gain"
+            md += _table(g, rows, "all", "gain", ["gain"])
+    if plots and out is not None:
+        md += ["", f"{h2} Plots", ""]
+        md += _plots(res, out, f1, can_gain)
+    text = "\n".join(md) + "\n"
+    if out is None:
+        return None, text
+    (out / "report.md").write_text(text)
+    return out / "report.md", text
+
+
+def _plots(res: Results, out: Path, f1: pd.DataFrame, can_gain: bool) -> list[str]:
+    lines: list[str] = []
+
+    def skip(name: str, why: str) -> None:
+        lines.append(f"- `{name}` skipped: {why}.")
+
+    def done(name: str, what: str, note: str) -> None:
+        lines.append(f"- ![{what}]({name}) {what}{f' ({note})' if note else ''}.")
+
+    if not res.varied(FRACTION):
+        skip("detection_f1.png", f"`{FRACTION}` was not varied")
+        skip("honest_error.png", f"`{FRACTION}` was not varied")
+    else:
+        if len(f1):
+            vis = f1[f1.groupby("attack")["n_detectable"].transform("sum") > 0]
+            note = _line_plot(
+                res, vis, FRACTION, "attack", "f1", "detection F1 (CLAIR)",
+                "CLAIR's detection F1 per attack", out / "detection_f1.png", logy=False,
+            )  # fmt: skip
+            done("detection_f1.png", "Detection F1 vs contamination fraction per attack", note)
+        else:
+            skip("detection_f1.png", "CLAIR was not among the methods")
+        note = _line_plot(
+            res, res.summary, FRACTION, "method", res.metric, f"honest {res.metric_label} (log)",
+            "Honest clients' error per method", out / "honest_error.png", logy=True,
+        )  # fmt: skip
+        done("honest_error.png", "Honest-client error vs contamination fraction per method", note)
+    sub = res.summary[res.summary["subspace_error"].notna()]
+    if not res.varied(NOISE):
+        skip("subspace_error.png", f"`{NOISE}` was not varied")
+    elif not len(sub):
+        skip("subspace_error.png", "no method estimated a subspace")
+    else:
+        note = _line_plot(
+            res, sub, NOISE, "method", "subspace_error", "subspace error ‖ÛÛᵀ − UUᵀ‖_F",
+            "Subspace error vs noise", out / "subspace_error.png", logy=False,
+        )  # fmt: skip
+        done("subspace_error.png", "Subspace error vs noise level", note)
+    if not (res.varied(FRACTION) and res.varied(res.het)):
+        skip("gain_heatmap.png", f"needs both `{FRACTION}` and `{res.het}` varied")
+    elif not can_gain:
+        skip("gain_heatmap.png", "needs both clair and fedavg among the methods")
+    else:
+        _heatmap(res, _gain(res), out / "gain_heatmap.png")
+        others = [k for k in res.conditions if k not in (FRACTION, res.het) and res.varied(k)]
+        done(
+            "gain_heatmap.png",
+            "CLAIR's gain over FedAvg",
+            f"averaged over {', '.join(others)}" if others else "",
+        )
+    return lines

@@ -1,0 +1,199 @@
+"""The copy-task workload on the engine: config, attack assignment, grouped training, Ray runs.
+
+The Ray tests run ``configs/copy_task_small.yaml`` (a 1-layer, 32-wide base, 8 clients, 6 local steps) on
+the session's 2-CPU Ray; the base is cached under a per-session temporary directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clair_ray import attacks
+from clair_ray.config import COPY_DATA_ATTACKS, ConfigError, load_config
+from clair_ray.results import NONDETERMINISTIC_COLUMNS, read_tables
+from clair_ray.workloads import copy_task as ct
+from clair_ray.workloads import get_workload
+from clair_ray.workloads.copy_task_engine import CopyTaskWorkload, assign_copy_attacks
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = REPO / "configs" / "copy_task_small.yaml"
+
+
+@pytest.fixture(scope="session")
+def copy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One base cache for the whole session (the small base trains in a few seconds)."""
+    return tmp_path_factory.mktemp("copy-cache")
+
+
+def small(tmp: Path, cache: Path, *overrides: str):
+    return load_config(SMALL, [f"output_dir={tmp}", f"workload.copy_task.cache_dir={cache}", *overrides])
+
+
+def test_data_attack_kinds_match_the_workload() -> None:
+    assert set(COPY_DATA_ATTACKS) == set(ct.DATA_ATTACK_KINDS)
+
+
+def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path) -> None:
+    with pytest.raises(ConfigError, match=r"workload\.copy_task\.side='diagonal'"):
+        small(tmp_path, copy_cache, "workload.copy_task.side=diagonal")
+    with pytest.raises(ConfigError, match=r"workload\.copy_task\.early_steps=99"):
+        small(tmp_path, copy_cache, "workload.copy_task.early_steps=99")
+    with pytest.raises(ConfigError, match=r"engine\.actor_num_gpus=0\.0"):
+        small(tmp_path, copy_cache, "workload.copy_task.device=cuda")
+    with pytest.raises(ConfigError, match=r"aggregation\.rank=9"):
+        small(tmp_path, copy_cache, "aggregation.rank=9")
+    # The copy task's own methods and corruptions are not the linear workload's.
+    with pytest.raises(ConfigError, match=r"aggregation\.methods\[0\]='fedavg_honest'"):
+        load_config(REPO / "configs" / "linear_small.yaml", ["aggregation.methods=[fedavg_honest]"])
+    with pytest.raises(ConfigError, match=r"contamination\.mix\.data_flip"):
+        load_config(REPO / "configs" / "linear_small.yaml", ["contamination.mix={data_flip: 1.0}"])
+
+
+def test_assign_copy_attacks_exact_counts() -> None:
+    mix = {"data_random": 1.0, "data_reversed": 1.0, "data_shifted": 1.0, "data_flip": 1.0, "alie": 1.0}
+    out = assign_copy_attacks(list(range(10)), mix, seed=3)
+    counts = pd.Series(list(out.values())).value_counts().to_dict()
+    assert sorted(out) == list(range(10))
+    assert set(counts) == set(mix) and sum(counts.values()) == 10 and max(counts.values()) == 2
+    assert out == assign_copy_attacks(list(range(10)), mix, seed=3)
+    # attacks.py's own kinds: the same rule, the same answer.
+    known = {"data_random": 2.0, "sign_flip": 1.0, "alie": 1.0}
+    assert assign_copy_attacks(list(range(7)), known, seed=5) == attacks.assign_attacks(
+        list(range(7)), known, 5
+    )
+
+
+def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache: Path) -> None:
+    """A batch trained as one group = the same clients one call each = peft's train_client (float32)."""
+    cfg = small(tmp_path, copy_cache, "engine.debug_fail_clients=[2]")
+    wl = get_workload(cfg)
+    assert isinstance(wl, CopyTaskWorkload)
+    wl.prepare()
+    jobs = [(0, 11), (1, 12), (2, 13)]
+    meta, grouped = wl.train_batch(0, 0, jobs, actor_id=0, fail=[2])
+    assert [m["ok"] for m in meta] == [True, True, False] and "on purpose" in meta[2]["traceback"]
+    names = list(grouped["final"])
+    assert np.isnan(grouped["final"][names[0]][0][2]).all()
+    for i, job in enumerate(jobs[:2]):
+        _, single = wl.train_batch(0, 0, [job], actor_id=0, fail=[])
+        for n in names:
+            for which in ("final", "early"):
+                got = grouped[which][n][0][i] @ grouped[which][n][1][i]  # (out, in)
+                want = single[which][n][0][0] @ single[which][n][1][0]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        # peft, one client at a time, with lora.train_lora's batch order from the same seed.
+        t = cfg.workload.copy_task
+        ref, _ = ct.train_client(
+            ct.load_base(wl.prepare()),
+            wl.spec,
+            wl.train_data(0, job[0]),
+            t.steps,
+            t.lr,
+            t.train_batch,
+            job[1],
+        )
+        for n in names:
+            np.testing.assert_allclose(
+                grouped["final"][n][0][i] @ grouped["final"][n][1][i],
+                ref[n][0] @ ref[n][1],
+                rtol=1e-4,
+                atol=1e-6,
+            )
+
+
+@pytest.mark.parametrize("side", ["both", "column", "row"])
+def test_aggregate_round_without_ray(tmp_path: Path, copy_cache: Path, side: str) -> None:
+    """Every method (and CLAIR on each side) gives a finite held-out loss for every honest client."""
+    methods = None if side == "both" else "aggregation.methods=[clair,oracle,local,fedavg_honest]"
+    cfg = small(tmp_path, copy_cache, f"workload.copy_task.side={side}", *([methods] if methods else []))
+    wl = get_workload(cfg)
+    wl.prepare()
+    torch.manual_seed(0)
+    K = cfg.workload.num_clients
+    jobs = [(k, 100 + k) for k in range(K)]
+    _, payload = wl.train_batch(0, 0, jobs, actor_id=0, fail=[])
+    group = {"methods": list(cfg.aggregation.methods), "dropped": [], "batches": [(list(range(K)), payload)]}
+    metas, nxt = wl.aggregate_round(0, 0, [group], {}, None)
+    assert nxt == {}
+    prob = wl.problem(0)
+    honest = [k for k in range(K) if k not in prob.attack]
+    for method, m in metas.items():
+        assert np.isfinite(m["test_loss"][honest]).all(), method
+        assert np.isnan(np.delete(m["test_loss"], honest)).all(), method
+    # The oracle knows the contaminated set; local and fedavg_honest never flag anyone.
+    assert metas["oracle"]["flagged"][list(prob.attack)].all()
+    assert not metas["local"]["flagged"].any() and not metas["fedavg_honest"]["flagged"].any()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_small_run_writes_tables_and_is_actor_count_invariant(tmp_path: Path, copy_cache: Path) -> None:
+    from clair_ray.engine import run_experiment
+
+    one = run_experiment(small(tmp_path / "one", copy_cache, "engine.num_actors=1"))
+    two = run_experiment(small(tmp_path / "two", copy_cache, "engine.num_actors=2"))
+    tables = read_tables(tmp_path / "two")
+    assert set(tables) == {"clients", "summary", "detection"}
+    s = tables["summary"].set_index("method")
+    assert list(s.index) == list(load_config(SMALL).aggregation.methods)
+    assert s["honest_mean_test_loss"].notna().all() and s["honest_mean_exact_match"].between(0, 1).all()
+    assert (tmp_path / "two" / "config.yaml").exists()
+    assert sorted(one.clients["actor_id"].unique()) == [0]
+    assert sorted(two.clients["actor_id"].unique()) == [0, 1]
+
+    def stable(df: pd.DataFrame) -> pd.DataFrame:
+        df = df.drop(columns=[c for c in NONDETERMINISTIC_COLUMNS if c in df.columns])
+        keys = [c for c in ("trial", "method", "round", "client_id", "attack") if c in df.columns]
+        return df.sort_values(keys).reset_index(drop=True)
+
+    for a, b in ((one.clients, two.clients), (one.summary, two.summary), (one.detection, two.detection)):
+        pd.testing.assert_frame_equal(stable(a), stable(b), check_exact=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+def test_cuda_device_without_gpu_is_a_clear_dropout(tmp_path: Path, copy_cache: Path) -> None:
+    wl = get_workload(
+        small(tmp_path, copy_cache, "workload.copy_task.device=cuda", "engine.actor_num_gpus=0.5")
+    )
+    meta, _ = wl.train_batch(0, 0, [(0, 1)], actor_id=0, fail=[])
+    assert not meta[0]["ok"] and "device='cuda' but this actor sees no GPU" in meta[0]["traceback"]
+
+
+def test_summary_shows_lm_metrics_only_when_present() -> None:
+    from clair_ray import results
+
+    base = {
+        "trial": 0,
+        "method": "clair",
+        "round": 0,
+        "contaminated": False,
+        "attack": "",
+        "detectable": False,
+        "dropped": False,
+        "flagged": False,
+        "reason": "",
+        "error": float("nan"),
+        "test_mse": float("nan"),
+        "update_norm": 1.0,
+        "off_subspace": float("nan"),
+        "noise_level": float("nan"),
+        "n_samples": 8,
+        "bytes_sent": 8,
+        "actor_id": 0,
+        "train_s": 0.0,
+    }
+    rows = [{**base, "client_id": k, "test_loss": 0.5 + k, "exact_match": 0.25} for k in range(2)]
+    rows.append({**base, "client_id": 2, "contaminated": True, "attack": "data_flip", "detectable": True})
+    df = results.table(rows, results.CLIENT_SCHEMA).to_pandas()
+    summary, detection = results.summarize(df, {})
+    assert summary[0]["honest_mean_test_loss"] == 1.0 and summary[0]["honest_mean_exact_match"] == 0.25
+    assert detection[0]["attack"] == "data_flip" and not detection[0]["in_subspace"]
+    text = results.format_summary(pd.DataFrame(summary), pd.DataFrame(detection))
+    assert (
+        "honest_mean_test_loss" in text and "honest_mean_error" not in text and "subspace_error" not in text
+    )
