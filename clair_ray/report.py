@@ -237,7 +237,7 @@ def _line_plot(
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, title=hue, title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return f"averaged over {', '.join(averaged)}" if averaged else ""
 
@@ -261,7 +261,7 @@ def _heatmap(res: Results, gain: pd.DataFrame, path: Path) -> None:
     fig.colorbar(im, ax=ax, label=f"FedAvg / CLAIR, honest clients' {res.metric_label}")
     ax.set_title("CLAIR's gain over FedAvg (mean over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
