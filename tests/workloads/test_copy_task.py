@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,6 @@ import transformers
 import clair_ray
 from clair_ray.workloads import copy_task as ct
 from clair_ray.workloads import lora
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SMALL = ct.CopyBaseConfig(
     vocab_size=16, prefix_len=4, n_layer=1, n_embd=32, n_head=2, base_steps=20, base_batch_size=16

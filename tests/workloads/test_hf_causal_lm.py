@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,6 @@ from clair_ray.workloads import hf_causal_lm as hf
 from clair_ray.workloads import lora
 
 WORDS = ["red", "green", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "the", "a", "big"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def corpus(n: int = 60, seed: int = 0) -> tuple[list[str], list[int]]:
