@@ -122,7 +122,9 @@ def select_contaminated(num_clients: int, fraction: float, seed: int) -> list[in
     return sorted(int(c) for c in chosen)
 
 
-def assign_attacks(contaminated: list[int], mix: Mapping[str, float], seed: int) -> dict[int, str]:
+def assign_attacks(
+    contaminated: list[int], mix: Mapping[str, float], seed: int, extra_kinds: tuple[str, ...] = ()
+) -> dict[int, str]:
     """Assigns an attack kind to each contaminated client, in exact proportions.
 
     Counts come from the largest-remainder (Hamilton) method on ``len(contaminated) * weight / sum``:
@@ -136,6 +138,8 @@ def assign_attacks(contaminated: list[int], mix: Mapping[str, float], seed: int)
         mix: Attack kind → non-negative weight (need not sum to 1; at least one weight > 0). Kinds are
             :data:`ATTACK_KINDS` (update attacks) or :data:`DATA_ATTACK_KINDS` (data contamination).
         seed: Non-negative integer seed.
+        extra_kinds: Further kinds a workload implements itself (e.g. the copy task's ``data_reversed``),
+            appended to the canonical order; a mix without them splits exactly as if they did not exist.
 
     Returns:
         Client id → attack kind, for every id in ``contaminated`` (keys in sorted order).
@@ -148,7 +152,7 @@ def assign_attacks(contaminated: list[int], mix: Mapping[str, float], seed: int)
     ids = [_check_int("contaminated[i]", c, 0) for c in contaminated]
     if len(set(ids)) != len(ids):
         raise ValueError(f"contaminated must not repeat client ids, got {list(contaminated)!r}")
-    valid = ATTACK_KINDS + DATA_ATTACK_KINDS
+    valid = ATTACK_KINDS + DATA_ATTACK_KINDS + tuple(k for k in extra_kinds if k not in DATA_ATTACK_KINDS)
     unknown = [k for k in mix if k not in valid]
     if unknown:
         raise ValueError(f"mix has unknown attack kind(s) {unknown!r}; valid kinds: {', '.join(valid)}")

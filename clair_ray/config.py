@@ -26,8 +26,15 @@ DATA_ATTACKS = DATA_ATTACK_KINDS
 #: workload-level baselines: FedAvg over the truly honest clients, and local training stopped early.
 COPY_DATA_ATTACKS = (*DATA_ATTACK_KINDS, "data_reversed", "data_flip")
 COPY_METHODS = (*METHODS, "fedavg_honest", "local_early")
-WORKLOADS = ("linear", "copy_task")
+WORKLOADS = ("linear", "copy_task", "hf_causal_lm")
+#: Workloads whose clients fine-tune LoRA adapters (per-module factor pairs; ``workload.lora``).
+LORA_WORKLOADS = ("copy_task", "hf_causal_lm")
+#: Methods of a LoRA workload's multi-round mode: the global adapter's factors are averaged (FedIT).
+LORA_ROUND_METHODS = ("fedavg",)
+#: Client partitions of the hf_causal_lm workload (clair_ray.workloads.hf_causal_lm.PARTITIONS).
+PARTITIONS = ("iid", "dirichlet", "quantity")
 CLAIR_SIDES = ("column", "row", "both")
+CLAIR_INPUTS = ["auto", "factors", "dense"]
 DEVICES = ("cpu", "cuda")
 ARCHS = ("gpt2", "llama")
 MODES = ("one_shot", "multi_round")
@@ -97,8 +104,47 @@ class EngineConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    """LoRA fine-tuning of every LoRA workload (``workload.name`` ``copy_task`` or ``hf_causal_lm``).
+
+    Attributes:
+        r: Adapter rank.
+        alpha: LoRA alpha (effective update (alpha / r) · B A).
+        targets: Target module names (empty: the workload's default: for the copy task every attention and
+            MLP projection of its ``arch``; for a Hugging Face model peft's default for its architecture).
+        init_seed: Adapter initialisation seed, the same for every client.
+        steps: Local AdamW steps per round.
+        early_steps: Steps of the early-stopped local baseline ``local_early`` (0: not recorded).
+        lr: Local AdamW learning rate.
+        batch: Sequences per local step.
+        side: CLAIR's projection side for refinement: ``column``, ``row`` or ``both``.
+        device: ``cpu`` or ``cuda`` for the client actors (bf16 on cuda); evaluation runs on CPU.
+        eval_every: Multi-round mode: evaluate held-out loss every this many rounds (0: the last round
+            only; the last round is always evaluated). One-shot runs evaluate their single round.
+        clair_input: What CLAIR sees per module: ``factors`` (the pairs (B_k, A_k), centred by a low-rank
+            robust mean: the path that scales to large modules), ``dense`` (the products B_k A_k), or
+            ``auto`` (dense up to 65,536 entries per module, else factors).
+    """
+
+    r: int = 4
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=list)
+    init_seed: int = 0
+    steps: int = 60
+    early_steps: int = 20
+    lr: float = 3e-3
+    batch: int = 8
+    side: str = "both"
+    device: str = "cpu"
+    eval_every: int = 1
+    clair_input: str = "auto"
+
+
+@dataclass
 class CopyTaskWorkloadConfig:
-    """The copy-task LoRA workload (``workload.name: copy_task``; see clair_ray/workloads/copy_task.py).
+    """The copy-task data and base model (``workload.name: copy_task``; see clair_ray/workloads/copy_task.py).
+
+    The LoRA fine-tuning knobs are in ``workload.lora``.
 
     Attributes:
         arch: Base architecture, ``gpt2`` or ``llama``.
@@ -116,19 +162,9 @@ class CopyTaskWorkloadConfig:
         n_clusters: Groups of honest clients whose personal substitutions conflict.
         heterogeneity: h in [0, 1]: fraction of personal tokens that conflict across clusters (0: all alike).
         task_seed: Seed of the substitution maps.
-        lora_r: Adapter rank.
-        lora_alpha: LoRA alpha (effective update (alpha / r) · B A).
-        lora_targets: Target module names (empty: every attention and MLP projection of ``arch``).
-        lora_init_seed: Adapter initialisation seed, the same for every client.
         n_sequences: Local training sequences per client (the data-size knob).
         test_sequences: Held-out sequences per honest client for evaluation.
-        steps: Local AdamW steps.
-        early_steps: Steps of the early-stopped local baseline ``local_early`` (0: not recorded).
-        lr: Local AdamW learning rate.
-        train_batch: Sequences per local step.
         n_flips: Token pairs swapped by the ``data_flip`` corruption.
-        side: CLAIR's projection side for refinement: ``column``, ``row`` or ``both``.
-        device: ``cpu`` or ``cuda`` for the client actors (bf16 on cuda); evaluation runs on CPU.
         cache_dir: Where the base is cached (None: ``$CLAIR_CACHE`` or ``~/.cache/clair_ray``).
     """
 
@@ -147,20 +183,42 @@ class CopyTaskWorkloadConfig:
     n_clusters: int = 2
     heterogeneity: float = 1.0
     task_seed: int = 0
-    lora_r: int = 4
-    lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=list)
-    lora_init_seed: int = 0
     n_sequences: int = 8
     test_sequences: int = 128
-    steps: int = 60
-    early_steps: int = 20
-    lr: float = 3e-3
-    train_batch: int = 8
     n_flips: int = 2
-    side: str = "both"
-    device: str = "cpu"
     cache_dir: str | None = None
+
+
+@dataclass
+class HFCausalLMWorkloadConfig:
+    """Any Hugging Face causal LM on local text data (``workload.name: hf_causal_lm``).
+
+    See clair_ray/workloads/hf_causal_lm.py; the LoRA fine-tuning knobs are in ``workload.lora``.
+
+    Attributes:
+        name_or_path: A local directory written by ``save_pretrained`` (or a hub id where a hub is
+            reachable) holding the model and its tokenizer.
+        data_path: A ``.jsonl`` / ``.parquet`` file or a directory of them.
+        text_column: Column with the text.
+        label_column: Column with a label (needed by the ``dirichlet`` partition).
+        max_length: Tokens per sequence (truncated / padded).
+        partition: ``iid``, ``dirichlet`` (over ``label_column``) or ``quantity`` (skewed client sizes).
+        partition_alpha: Dirichlet concentration of ``dirichlet`` / ``quantity`` (smaller: more skewed).
+        min_size: Fewest samples a client may get.
+        test_fraction: Share of each client's samples held out for its evaluation.
+        max_samples: Use at most this many samples of the data (0: all), taken before partitioning.
+    """
+
+    name_or_path: str = ""
+    data_path: str = ""
+    text_column: str = "text"
+    label_column: str | None = None
+    max_length: int = 64
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    min_size: int = 2
+    test_fraction: float = 0.25
+    max_samples: int = 0
 
 
 @dataclass
@@ -168,8 +226,9 @@ class WorkloadConfig:
     """The linear-regression workload: Y_k = X_k W_k + noise, W_k = W_0 + U V_kᵀ.
 
     Attributes:
-        name: Workload name (``linear`` or ``copy_task``; the latter reads ``copy_task`` and
-            ``num_clients`` and ignores the linear fields).
+        name: Workload name: ``linear``, or a LoRA workload, ``copy_task`` or ``hf_causal_lm``, which read
+            ``num_clients``, ``mode``, ``rounds``, ``lora`` and their own section and ignore the linear
+            fields.
         num_clients: K.
         p: Rows of W (input features of the regression; the shared side, U is p × r).
         q: Columns of W (outputs).
@@ -189,6 +248,9 @@ class WorkloadConfig:
             exceeds this multiple of its own noise level there. An honest client's ratio is a chi-type
             variable with (p - r)·q degrees of freedom, 1 ± 0.03 for the default shapes, so 1.2 is far
             above any honest fluctuation yet still counts a weak ALIE attacker (about 1.3) as visible.
+        lora: LoRA fine-tuning of the LoRA workloads.
+        copy_task: The copy-task data and base (``name: copy_task``).
+        hf_causal_lm: The Hugging Face model and data (``name: hf_causal_lm``).
     """
 
     name: str = "linear"
@@ -208,7 +270,9 @@ class WorkloadConfig:
     local_steps: int = 5
     lr: float = 0.3
     truth_factor: float = 1.2
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     copy_task: CopyTaskWorkloadConfig = field(default_factory=CopyTaskWorkloadConfig)
+    hf_causal_lm: HFCausalLMWorkloadConfig = field(default_factory=HFCausalLMWorkloadConfig)
 
 
 @dataclass
@@ -285,8 +349,63 @@ def _check(errors: list[str], ok: bool, key: str, value: Any, rule: str) -> None
         errors.append(f"{key}={value!r}: {rule}")
 
 
+def _validate_lora(e: list[str], cfg: ExperimentConfig) -> None:
+    """Range checks of ``workload.lora`` (and what every LoRA workload needs elsewhere)."""
+    t, key = cfg.workload.lora, "workload.lora"
+    for name, lo in (("r", 1), ("init_seed", 0), ("steps", 1), ("early_steps", 0), ("batch", 1)):
+        v = getattr(t, name)
+        _check(e, v >= lo, f"{key}.{name}", v, f"must be >= {lo}")
+    _check(e, t.early_steps <= t.steps, f"{key}.early_steps", t.early_steps, f"must be <= steps={t.steps}")
+    _check(e, t.eval_every >= 0, f"{key}.eval_every", t.eval_every, "must be >= 0")
+    for name in ("lr", "alpha"):
+        v = getattr(t, name)
+        _check(e, math.isfinite(v) and v > 0, f"{key}.{name}", v, "must be finite and > 0")
+    _check(e, t.side in CLAIR_SIDES, f"{key}.side", t.side, f"must be one of {list(CLAIR_SIDES)}")
+    _check(e, t.device in DEVICES, f"{key}.device", t.device, f"must be one of {list(DEVICES)}")
+    _check(
+        e,
+        t.clair_input in CLAIR_INPUTS,
+        f"{key}.clair_input",
+        t.clair_input,
+        f"must be one of {CLAIR_INPUTS}",
+    )
+    if t.device == "cuda":  # Ray hides every GPU from an actor that reserved none
+        g = cfg.engine.actor_num_gpus
+        _check(e, g > 0, "engine.actor_num_gpus", g, "must be > 0 with workload.lora.device=cuda")
+    methods = cfg.aggregation.methods
+    if cfg.workload.mode == "multi_round":
+        bad = [m for m in methods if m not in LORA_ROUND_METHODS]
+        _check(
+            e,
+            not bad,
+            "aggregation.methods",
+            list(methods),
+            f"{cfg.workload.name} in multi_round mode runs {list(LORA_ROUND_METHODS)} only (got {bad})",
+        )
+        upd = [k for k, v in cfg.contamination.mix.items() if v > 0 and not k.startswith("data_")]
+        _check(
+            e,
+            not upd,
+            "contamination.mix",
+            dict(cfg.contamination.mix),
+            f"{cfg.workload.name} in multi_round mode takes data attacks only (got {upd})",
+        )
+    if "local_early" in methods:
+        _check(
+            e, t.early_steps >= 1, f"{key}.early_steps", t.early_steps, "must be >= 1 for method local_early"
+        )
+    if cfg.aggregation.rank is not None:
+        _check(
+            e,
+            1 <= cfg.aggregation.rank <= t.r,
+            "aggregation.rank",
+            cfg.aggregation.rank,
+            f"must be in [1, workload.lora.r={t.r}]",
+        )
+
+
 def _validate_copy_task(e: list[str], cfg: ExperimentConfig) -> None:
-    """Range checks of ``workload.copy_task`` (and what the copy task needs elsewhere)."""
+    """Range checks of ``workload.copy_task``."""
     t = cfg.workload.copy_task
     key = "workload.copy_task"
     _check(e, t.arch in ARCHS, f"{key}.arch", t.arch, f"must be one of {list(ARCHS)}")
@@ -303,13 +422,8 @@ def _validate_copy_task(e: list[str], cfg: ExperimentConfig) -> None:
         ("n_personal", 0),
         ("n_clusters", 1),
         ("task_seed", 0),
-        ("lora_r", 1),
-        ("lora_init_seed", 0),
         ("n_sequences", 1),
         ("test_sequences", 1),
-        ("steps", 1),
-        ("early_steps", 0),
-        ("train_batch", 1),
         ("n_flips", 1),
     ):
         v = getattr(t, name)
@@ -329,25 +443,35 @@ def _validate_copy_task(e: list[str], cfg: ExperimentConfig) -> None:
         f"n_common + n_personal must be <= vocab_size - 1 = {t.vocab_size - 1}",
     )
     _check(e, 0.0 <= t.heterogeneity <= 1.0, f"{key}.heterogeneity", t.heterogeneity, "must be in [0, 1]")
-    _check(e, t.early_steps <= t.steps, f"{key}.early_steps", t.early_steps, f"must be <= steps={t.steps}")
     _check(
         e, 2 * t.n_flips <= t.vocab_size - 1, f"{key}.n_flips", t.n_flips, "must be <= (vocab_size - 1) / 2"
     )
-    for name in ("lr", "base_lr", "lora_alpha"):
-        v = getattr(t, name)
-        _check(e, math.isfinite(v) and v > 0, f"{key}.{name}", v, "must be finite and > 0")
-    _check(e, t.side in CLAIR_SIDES, f"{key}.side", t.side, f"must be one of {list(CLAIR_SIDES)}")
-    _check(e, t.device in DEVICES, f"{key}.device", t.device, f"must be one of {list(DEVICES)}")
-    if t.device == "cuda":  # Ray hides every GPU from an actor that reserved none
-        g = cfg.engine.actor_num_gpus
-        _check(e, g > 0, "engine.actor_num_gpus", g, "must be > 0 with workload.copy_task.device=cuda")
+    v = t.base_lr
+    _check(e, math.isfinite(v) and v > 0, f"{key}.base_lr", v, "must be finite and > 0")
+
+
+def _validate_hf_causal_lm(e: list[str], cfg: ExperimentConfig) -> None:
+    """Range checks of ``workload.hf_causal_lm`` (files are checked when the workload loads them)."""
+    t, key = cfg.workload.hf_causal_lm, "workload.hf_causal_lm"
+    _check(e, bool(t.name_or_path), f"{key}.name_or_path", t.name_or_path, "must name a model dir or hub id")
+    _check(e, bool(t.data_path), f"{key}.data_path", t.data_path, "must name a .jsonl/.parquet file or dir")
+    _check(e, bool(t.text_column), f"{key}.text_column", t.text_column, "must name a column")
+    _check(e, t.max_length >= 2, f"{key}.max_length", t.max_length, "must be >= 2")
     _check(
-        e, cfg.workload.mode == "one_shot", "workload.mode", cfg.workload.mode, "copy_task runs one_shot only"
+        e, t.partition in PARTITIONS, f"{key}.partition", t.partition, f"must be one of {list(PARTITIONS)}"
     )
-    if "local_early" in cfg.aggregation.methods:
-        _check(
-            e, t.early_steps >= 1, f"{key}.early_steps", t.early_steps, "must be >= 1 for method local_early"
-        )
+    _check(
+        e,
+        t.partition != "dirichlet" or bool(t.label_column),
+        f"{key}.label_column",
+        t.label_column,
+        "must name a column with partition=dirichlet",
+    )
+    a = t.partition_alpha
+    _check(e, math.isfinite(a) and a > 0, f"{key}.partition_alpha", a, "must be finite and > 0")
+    _check(e, t.min_size >= 2, f"{key}.min_size", t.min_size, "must be >= 2 (a client needs train and test)")
+    _check(e, 0 < t.test_fraction < 1, f"{key}.test_fraction", t.test_fraction, "must be in (0, 1)")
+    _check(e, t.max_samples >= 0, f"{key}.max_samples", t.max_samples, "must be >= 0 (0: all)")
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -368,10 +492,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(e, cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     _check(e, bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
     _check(e, w.name in WORKLOADS, "workload.name", w.name, f"must be one of {list(WORKLOADS)}")
-    copy = w.name == "copy_task"
+    copy = w.name in LORA_WORKLOADS
     methods_known = COPY_METHODS if copy else METHODS
     if copy:
+        _validate_lora(e, cfg)
+    if w.name == "copy_task":
         _validate_copy_task(e, cfg)
+    if w.name == "hf_causal_lm":
+        _validate_hf_causal_lm(e, cfg)
     _check(e, w.num_clients >= 2, "workload.num_clients", w.num_clients, "must be >= 2")
     for key in ("p", "q", "r"):
         _check(e, getattr(w, key) >= 1, f"workload.{key}", getattr(w, key), "must be >= 1")
@@ -409,16 +537,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             a.params[m],
             f"must be one of {list(methods_known)}",
         )
-    if a.rank is not None and copy:
-        r_max = w.copy_task.lora_r
-        _check(
-            e,
-            1 <= a.rank <= r_max,
-            "aggregation.rank",
-            a.rank,
-            f"must be in [1, workload.copy_task.lora_r={r_max}]",
-        )
-    elif a.rank is not None:
+    if a.rank is not None and not copy:
         _check(e, 1 <= a.rank <= min(w.p, w.q), "aggregation.rank", a.rank, "must be in [1, min(p, q)]")
     if a.assumed_fraction is not None:
         _check(

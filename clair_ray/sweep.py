@@ -50,6 +50,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -244,7 +245,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
-    sweep_over = [o for o in overrides or [] if o.startswith("sweep.")]
+    # sweep.params.<dotted.config.key>={grid: [...]}: the whole rest is ONE parameter name (a dotlist
+    # would nest it), so these are set on the params mapping directly, replacing the file's spec.
+    param_over = [o for o in overrides or [] if o.startswith("sweep.params.")]
+    sweep_over = [o for o in overrides or [] if o.startswith("sweep.") and o not in param_over]
     base_over = [o for o in overrides or [] if not o.startswith(("sweep.", "base="))]
     new_base = [o.split("=", 1)[1] for o in overrides or [] if o.startswith("base=")]
     section = raw.pop("sweep", None)
@@ -271,6 +275,15 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), section)
         if sweep_over:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o[len("sweep.") :] for o in sweep_over]))
+        for item in param_over:
+            key, value = item[len("sweep.params.") :].split("=", 1)
+            spec = yaml.safe_load(value)
+            if not isinstance(spec, dict):
+                raise ConfigError(f"override {item!r}: expected sweep.params.KEY={{grid: [...]}} (a mapping)")
+            merged.params.pop(key, None)  # replace the file's spec, do not merge into it
+            merged = OmegaConf.merge(
+                merged, {"params": {key: OmegaConf.merge(OmegaConf.structured(ParamSpec), spec)}}
+            )
         sc = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _config_error(exc, "sweep.") from exc

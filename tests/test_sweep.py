@@ -76,6 +76,12 @@ def test_load_merges_base_and_validates_every_grid_point(tmp_path: Path) -> None
     assert sw.results_dir == sw.experiment_dir.parent / "v-results"
     other = load_sweep(path, [f"base={REPO / 'configs' / 'linear.yaml'}"])  # base=FILE swaps the base
     assert (other.base.workload.p, other.base.aggregation.methods) == (64, ["clair", "fedavg", "local"])
+    # A parameter's dotted name is one key: overriding it replaces the file's spec, others stay.
+    over = load_sweep(path, ["sweep.params.workload.noise_std={grid: [0.2]}"])
+    assert {p["workload.noise_std"] for p in candidate_points(over.sweep)} == {0.2}
+    assert "contamination.fraction" in over.sweep.params
+    with pytest.raises(ConfigError, match="expected sweep.params.KEY"):
+        load_sweep(path, ["sweep.params.seed=3"])
 
 
 @pytest.mark.parametrize(

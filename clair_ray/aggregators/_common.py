@@ -42,6 +42,18 @@ def check_n_attackers(ctx: AggContext) -> int:
     return f
 
 
+def checked_inputs(updates: object, ctx: AggContext) -> tuple[int, torch.Tensor, int]:
+    """The preamble of methods that assume a number of attackers: validate, then find finite clients.
+
+    Returns:
+        (f = ``ctx.n_attackers``, (K,) finite mask, number of finite clients).
+    """
+    check_updates(updates)
+    f = check_n_attackers(ctx)
+    mask = finite_mask(updates)  # type: ignore[arg-type]
+    return f, mask, int(mask.sum())
+
+
 def finite_mask(updates: torch.Tensor) -> torch.Tensor:
     """(K,) bool: True where a client's whole update is finite."""
     return torch.isfinite(updates).flatten(1).all(dim=1)  # (K,)

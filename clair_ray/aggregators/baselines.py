@@ -21,8 +21,8 @@ import torch
 
 from clair_ray.aggregators._common import (
     NON_FINITE,
-    check_n_attackers,
     check_updates,
+    checked_inputs,
     finite_mask,
     global_output,
     non_finite_clients,
@@ -220,10 +220,7 @@ class TrimmedMean:
         Raises:
             ValueError: If ``2 * ctx.n_attackers`` is not below the number of finite clients.
         """
-        check_updates(updates)
-        f = check_n_attackers(ctx)
-        mask = finite_mask(updates)
-        n = int(mask.sum())
+        f, mask, n = checked_inputs(updates, ctx)
         if n == 0:
             return global_output(updates, mask, None)
         if 2 * f >= n:
@@ -251,10 +248,7 @@ class MultiKrum:
             ValueError: If there are not more than ``2 * ctx.n_attackers + 2`` finite clients (Krum's
                 condition).
         """
-        check_updates(updates)
-        f = check_n_attackers(ctx)
-        mask = finite_mask(updates)
-        n = int(mask.sum())
+        f, mask, n = checked_inputs(updates, ctx)
         if n == 0:
             return global_output(updates, mask, None)
         if n <= 2 * f + 2:

@@ -66,7 +66,9 @@ class ClientWorker:
                 shares the round's updates).
             jobs: (client_id, seed) pairs, in client-id order.
             starts: (K, p, q) the models the clients continue from, indexed by client id (None: the
-                first round, every client starts from the initial model).
+                first round, every client starts from the initial model); for a workload with
+                ``train_batch``, whatever its aggregation returned for the group (LoRA: the global
+                adapter's factors).
 
         Returns:
             Per-client metadata (``client_id, ok, traceback, noise_level, noise_scale, n_samples,
@@ -87,7 +89,8 @@ class ClientWorker:
         if train_batch is not None:
             # Workloads with their own update format (per-module LoRA factors) train a whole batch at once
             # (several clients in one forward/backward) and build the same per-client metadata.
-            return train_batch(trial, round_, jobs, self.actor_id, list(eng.debug_fail_clients))
+            # ``starts`` is then the group's global adapter (multi-round) or None.
+            return train_batch(trial, round_, jobs, self.actor_id, list(eng.debug_fail_clients), starts)
         p, q = self.cfg.workload.p, self.cfg.workload.q
         updates = np.full((len(jobs), p, q), np.nan)  # (B, p, q)
         meta: list[dict[str, Any]] = []

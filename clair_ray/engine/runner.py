@@ -55,6 +55,12 @@ class RunResult:
         restarts: Client-actor deaths the run recovered from (work re-submitted).
         dropouts: (trial, round, client_id) of clients that raised.
         actor_pids: Pid of each client actor when it was last seen.
+        rounds: Per (trial, round) timings in seconds (also ``rounds.parquet``): ``round_s`` (wall, from
+            handing out the first batch to the aggregator's answer), ``train_wall_s`` (until the last
+            client batch answered), ``client_compute_s`` (the busiest client actor's time inside its
+            training calls: the critical path of client compute), ``agg_s`` (methods, in the aggregator),
+            ``eval_s`` (held-out evaluation, in the aggregator) and ``orchestration_s`` = round_s -
+            client_compute_s - agg_s - eval_s (scheduling, object transfers, waiting, driver work).
     """
 
     out_dir: Path
@@ -64,6 +70,7 @@ class RunResult:
     restarts: int = 0
     dropouts: list[tuple[int, int, int]] = field(default_factory=list)
     actor_pids: list[int] = field(default_factory=list)
+    rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass
@@ -136,6 +143,7 @@ class Runner:
         self.dropouts: list[tuple[int, int, int]] = []
         self.rows: list[dict[str, Any]] = []
         self.extras: dict[tuple[int, str, int], dict[str, float]] = {}
+        self.timings: list[dict[str, Any]] = []
         self.actors: list[Any] = []
         self.agg: Any = None
         self.pids: list[int] = []
@@ -305,6 +313,26 @@ class Runner:
         box = [] if starts_ref is None else [starts_ref]
         agg_meta, next_ref = self._aggregate(trial, round_, payload, noise, box)
         round_s = time.perf_counter() - t0
+        busy: dict[int, float] = {}  # actor -> seconds inside training calls (train_s is per client)
+        for g in groups:
+            for m in train_meta[g].values():
+                busy[m["actor_id"]] = busy.get(m["actor_id"], 0.0) + float(m["train_s"])
+        client_s = max(busy.values(), default=0.0)
+        agg_s = sum(float(agg_meta[m]["agg_s"]) for m in methods)
+        eval_s = sum(float(agg_meta[m].get("eval_s", 0.0)) for m in methods)
+        self.timings.append(
+            {
+                "trial": trial,
+                "round": round_,
+                "clients": K,
+                "round_s": round_s,
+                "train_wall_s": t_train,
+                "client_compute_s": client_s,
+                "agg_s": agg_s,
+                "eval_s": eval_s,
+                "orchestration_s": round_s - client_s - agg_s - eval_s,
+            }
+        )
         prob_attack = self._attack_labels(trial)
         for method in methods:
             g = SHARED if starts_ref is None else method
@@ -458,6 +486,9 @@ class Runner:
         results.write_tables(
             self.out_dir, {"clients": clients_t, "summary": summary_t, "detection": detection_t}
         )
+        rounds = pd.DataFrame(self.timings)
+        if not rounds.empty:
+            rounds.to_parquet(self.out_dir / "rounds.parquet", index=False)
         return RunResult(
             out_dir=self.out_dir,
             clients=clients,
@@ -466,6 +497,7 @@ class Runner:
             restarts=self.restarts,
             dropouts=self.dropouts,
             actor_pids=self.pids,
+            rounds=rounds,
         )
 
 

@@ -7,6 +7,9 @@
   factor pairs, so it brings its own ``prepare`` (driver: build the cached base), ``train_batch`` (client
   actors) and ``aggregate_round`` (aggregator actor), which the engine calls when a workload has them.
   Imported lazily: it pulls in transformers and peft.
+- ``hf_causal_lm``: any Hugging Face causal LM on local text data
+  (:class:`clair_ray.workloads.hf_causal_lm_engine.HFCausalLMWorkload`), the same LoRA engine path
+  (:class:`clair_ray.workloads.lora_engine.LoRAEngineWorkload`).
 """
 
 from __future__ import annotations
@@ -37,4 +40,8 @@ def get_workload(cfg: ExperimentConfig) -> Any:
         from clair_ray.workloads.copy_task_engine import CopyTaskWorkload
 
         return CopyTaskWorkload(cfg)
+    if cfg.workload.name == "hf_causal_lm":
+        from clair_ray.workloads.hf_causal_lm_engine import HFCausalLMWorkload
+
+        return HFCausalLMWorkload(cfg)
     raise ValueError(f"workload.name={cfg.workload.name!r}: unknown workload")

@@ -334,6 +334,34 @@ class GroupedLoRAModel:
             out[key_a], out[key_b] = a.to(dtype), b.to(dtype)
         return out
 
+    def state_from_factors(self, factors: Mapping[str, tuple[Any, Any]]) -> dict[str, torch.Tensor]:
+        """A peft adapter state dict from factor pairs with ``alpha / r`` folded into B (inverse of
+        :meth:`client_factors`), loadable by :meth:`load_clients`.
+
+        Args:
+            factors: Module name -> (B (out, r), A (r, in)) for every grouped module.
+
+        Raises:
+            ValueError: On missing modules or wrong shapes.
+        """
+        missing = sorted(set(self.layers) - set(factors))
+        if missing:
+            raise ValueError(f"factors: missing modules {missing[:3]}")
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            b, a = (torch.tensor(np.array(x), dtype=torch.float64) for x in factors[name])  # copies
+            if tuple(b.shape) != (layer.out_features, layer.r) or tuple(a.shape) != (
+                layer.r,
+                layer.in_features,
+            ):
+                raise ValueError(
+                    f"factors[{name!r}]: expected B ({layer.out_features}, {layer.r}) and A ({layer.r}, "
+                    f"{layer.in_features}), got {tuple(b.shape)} and {tuple(a.shape)}"
+                )
+            key_a, key_b = self._keys(name)
+            out[key_a], out[key_b] = a.float(), (b / layer.scaling).float()
+        return out
+
     def load_clients(self, states: Sequence[Mapping[str, Any]]) -> None:
         """Loads G client adapters (peft state dicts, torch or numpy values); G = ``len(states)``.
 

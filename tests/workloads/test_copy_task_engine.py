@@ -18,7 +18,8 @@ from clair_ray.config import COPY_DATA_ATTACKS, ConfigError, load_config
 from clair_ray.results import NONDETERMINISTIC_COLUMNS, read_tables
 from clair_ray.workloads import copy_task as ct
 from clair_ray.workloads import get_workload
-from clair_ray.workloads.copy_task_engine import CopyTaskWorkload, assign_copy_attacks
+from clair_ray.workloads.copy_task_engine import CopyTaskWorkload
+from clair_ray.workloads.lora_engine import fedavg_factors
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = REPO / "configs" / "copy_task_small.yaml"
@@ -39,12 +40,16 @@ def test_data_attack_kinds_match_the_workload() -> None:
 
 
 def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path) -> None:
-    with pytest.raises(ConfigError, match=r"workload\.copy_task\.side='diagonal'"):
-        small(tmp_path, copy_cache, "workload.copy_task.side=diagonal")
-    with pytest.raises(ConfigError, match=r"workload\.copy_task\.early_steps=99"):
-        small(tmp_path, copy_cache, "workload.copy_task.early_steps=99")
+    with pytest.raises(ConfigError, match=r"workload\.lora\.side='diagonal'"):
+        small(tmp_path, copy_cache, "workload.lora.side=diagonal")
+    with pytest.raises(ConfigError, match=r"workload\.lora\.clair_input='sparse'"):
+        small(tmp_path, copy_cache, "workload.lora.clair_input=sparse")
+    with pytest.raises(ConfigError, match=r"aggregation\.methods=.*multi_round mode runs \['fedavg'\]"):
+        small(tmp_path, copy_cache, "workload.mode=multi_round")
+    with pytest.raises(ConfigError, match=r"workload\.lora\.early_steps=99"):
+        small(tmp_path, copy_cache, "workload.lora.early_steps=99")
     with pytest.raises(ConfigError, match=r"engine\.actor_num_gpus=0\.0"):
-        small(tmp_path, copy_cache, "workload.copy_task.device=cuda")
+        small(tmp_path, copy_cache, "workload.lora.device=cuda")
     with pytest.raises(ConfigError, match=r"aggregation\.rank=9"):
         small(tmp_path, copy_cache, "aggregation.rank=9")
     # The copy task's own methods and corruptions are not the linear workload's.
@@ -54,16 +59,19 @@ def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path)
         load_config(REPO / "configs" / "linear_small.yaml", ["contamination.mix={data_flip: 1.0}"])
 
 
-def test_assign_copy_attacks_exact_counts() -> None:
+def test_copy_attack_kinds_assigned_by_attacks_py() -> None:
     mix = {"data_random": 1.0, "data_reversed": 1.0, "data_shifted": 1.0, "data_flip": 1.0, "alie": 1.0}
-    out = assign_copy_attacks(list(range(10)), mix, seed=3)
+    extra = ct.DATA_ATTACK_KINDS
+    out = attacks.assign_attacks(list(range(10)), mix, 3, extra_kinds=extra)
     counts = pd.Series(list(out.values())).value_counts().to_dict()
     assert sorted(out) == list(range(10))
     assert set(counts) == set(mix) and sum(counts.values()) == 10 and max(counts.values()) == 2
-    assert out == assign_copy_attacks(list(range(10)), mix, seed=3)
-    # attacks.py's own kinds: the same rule, the same answer.
+    # Without the workload's kinds the copy task's corruptions are unknown; a mix of attacks.py's own kinds
+    # splits the same with or without them.
+    with pytest.raises(ValueError, match="data_reversed"):
+        attacks.assign_attacks(list(range(10)), mix, 3)
     known = {"data_random": 2.0, "sign_flip": 1.0, "alie": 1.0}
-    assert assign_copy_attacks(list(range(7)), known, seed=5) == attacks.assign_attacks(
+    assert attacks.assign_attacks(list(range(7)), known, 5, extra_kinds=extra) == attacks.assign_attacks(
         list(range(7)), known, 5
     )
 
@@ -87,15 +95,9 @@ def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache:
                 want = single[which][n][0][0] @ single[which][n][1][0]
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
         # peft, one client at a time, with lora.train_lora's batch order from the same seed.
-        t = cfg.workload.copy_task
+        t = cfg.workload.lora
         ref, _ = ct.train_client(
-            ct.load_base(wl.prepare()),
-            wl.spec,
-            wl.train_data(0, job[0]),
-            t.steps,
-            t.lr,
-            t.train_batch,
-            job[1],
+            ct.load_base(wl.prepare()), wl.spec, wl.train_data(0, job[0]), t.steps, t.lr, t.batch, job[1]
         )
         for n in names:
             np.testing.assert_allclose(
@@ -106,11 +108,49 @@ def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache:
             )
 
 
-@pytest.mark.parametrize("side", ["both", "column", "row"])
-def test_aggregate_round_without_ray(tmp_path: Path, copy_cache: Path, side: str) -> None:
-    """Every method (and CLAIR on each side) gives a finite held-out loss for every honest client."""
+def test_train_one_equals_grouped_from_a_global_start(tmp_path: Path, copy_cache: Path) -> None:
+    """Multi-round: the grouped path and plain peft (train_one) agree when starting from a global adapter."""
+    from clair_ray.engine import seeds
+
+    cfg = small(
+        tmp_path,
+        copy_cache,
+        "workload.mode=multi_round",
+        "aggregation.methods=[fedavg]",
+        "contamination.mix.sign_flip=0.0",
+    )
+    wl = get_workload(cfg)
+    wl.prepare()
+    first = [wl.train_one(0, 0, k)[0] for k in range(3)]
+    glob = fedavg_factors(first)
+    jobs = [(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 1, k)) for k in range(3)]
+    _, grouped = wl.train_batch(0, 1, jobs, actor_id=0, fail=[], start=glob)
+    assert grouped["early"] is None  # no early-stopped baseline in multi-round mode
+    for k in range(3):
+        ref, loss = wl.train_one(0, 1, k, start=glob)
+        assert np.isfinite(loss)
+        for n, (b, a) in ref.items():
+            np.testing.assert_allclose(grouped["final"][n][0][k], b, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(grouped["final"][n][1][k], a, rtol=1e-4, atol=1e-6)
+    # FedIT averages B and A separately.
+    n0 = next(iter(glob))
+    np.testing.assert_allclose(glob[n0][0], np.mean([f[n0][0] for f in first], axis=0))
+    assert np.isfinite(wl.evaluate_global(0, glob))
+
+
+@pytest.mark.parametrize(
+    ("side", "clair_input"), [("both", "dense"), ("both", "factors"), ("column", "factors"), ("row", "dense")]
+)
+def test_aggregate_round_without_ray(tmp_path: Path, copy_cache: Path, side: str, clair_input: str) -> None:
+    """Every method (and CLAIR on each side, on factors or dense) gives a finite held-out loss."""
     methods = None if side == "both" else "aggregation.methods=[clair,oracle,local,fedavg_honest]"
-    cfg = small(tmp_path, copy_cache, f"workload.copy_task.side={side}", *([methods] if methods else []))
+    cfg = small(
+        tmp_path,
+        copy_cache,
+        f"workload.lora.side={side}",
+        f"workload.lora.clair_input={clair_input}",
+        *([methods] if methods else []),
+    )
     wl = get_workload(cfg)
     wl.prepare()
     torch.manual_seed(0)
@@ -157,9 +197,7 @@ def test_small_run_writes_tables_and_is_actor_count_invariant(tmp_path: Path, co
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
 def test_cuda_device_without_gpu_is_a_clear_dropout(tmp_path: Path, copy_cache: Path) -> None:
-    wl = get_workload(
-        small(tmp_path, copy_cache, "workload.copy_task.device=cuda", "engine.actor_num_gpus=0.5")
-    )
+    wl = get_workload(small(tmp_path, copy_cache, "workload.lora.device=cuda", "engine.actor_num_gpus=0.5"))
     meta, _ = wl.train_batch(0, 0, [(0, 1)], actor_id=0, fail=[])
     assert not meta[0]["ok"] and "device='cuda' but this actor sees no GPU" in meta[0]["traceback"]
 

@@ -1,0 +1,369 @@
+"""Any Hugging Face causal LM as a LoRA workload on the Ray engine (``workload.name: hf_causal_lm``; issue 4).
+
+The model is ``workload.hf_causal_lm.name_or_path``: a local directory written by ``save_pretrained`` (or
+a hub id where a hub is reachable), loaded through ``from_pretrained``. The data is a JSONL / Parquet file
+(or a directory of them) with a text column and an optional label column, partitioned among the K
+clients. Everything about how clients train, how the methods aggregate and how clients are evaluated is
+the generic LoRA engine's (:class:`clair_ray.workloads.lora_engine.LoRAEngineWorkload`); this module only
+says what the task is. The compute helpers (loading, tokenising, partitioning) are in
+:mod:`clair_ray.workloads.hf_causal_lm`.
+
+What runs where:
+
+- **Driver**: :meth:`HFCausalLMWorkload.problem` (who is contaminated, client sizes) needs only the texts
+  and labels, never the tokenizer or the model. :meth:`HFCausalLMWorkload.prepare` loads the tokenizer,
+  tokenises once and resolves the LoRA targets, so a wrong path or column fails before any actor starts.
+- **Client actors**: load the base model once (:meth:`HFCausalLMWorkload.load_base_model`) and tokenise
+  the data once per process (cached), then train their batch of clients on their (possibly corrupted)
+  training rows.
+- **Aggregator actor**: evaluates each honest client on its own clean held-out rows (token loss and
+  exact match of every real token under teacher forcing).
+
+Data, per trial, all a deterministic function of (config, root seed, trial), so every process rebuilds
+the same split:
+
+1. Texts are read once per process (cached by path, columns and file modification times).
+2. ``max_samples > 0``: a seeded subset of that many samples (kept in file order), else all; the used
+   samples are tokenised once per process.
+3. The samples are partitioned among the K clients (``iid``, ``dirichlet`` over ``label_column``,
+   ``quantity``), each client getting at least two samples.
+4. Each client's samples are split into train and test: ``round(test_fraction * n_k)`` test samples,
+   clamped so that there is at least one of each.
+
+Seeds: every draw is on the engine's ``DATA`` stream, addressed as
+``derive_seed(seed, DATA, trial, purpose, client)`` with the round slot used as a purpose tag (data is not
+round-specific): 0 the ``max_samples`` subset, 1 the partition, 2 client k's train/test split, 3 client
+k's data corruption.
+
+Tokenisation: the used samples are tokenised at once with the model's tokenizer, right-padded to the
+longest text (at most ``max_length`` tokens), so every client's rows have the same length T and the
+grouped training can stack them. ``attention_mask`` comes from the tokenizer; ``labels`` are the input ids
+with -100 on padding, so the loss is the mean next-token loss over real tokens.
+
+Data attacks (on the client's TRAINING labels only; its inputs and its test data stay clean), via
+:func:`clair_ray.attacks.corrupt_targets`:
+
+- ``data_random``: every real-token label replaced by a uniform random token of the vocabulary.
+- ``data_shuffle``: the label rows permuted across the client's training sequences (each context is
+  trained towards another sequence's tokens), then masked to the client's own real tokens.
+- ``data_shifted``: every real-token label shifted by ``offset`` (``contamination.params.data_shifted
+  .offset``, default 1) modulo the vocabulary size.
+
+The copy task's own corruptions (``data_reversed``, ``data_flip``) have no meaning for free text: the
+workload refuses them when it is built.
+
+Relative ``name_or_path`` and ``data_path`` are resolved against each process's working directory (for a
+local run, the directory ``clair-ray run`` was started in; for a Ray job, the job's working directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clair_ray import attacks
+from clair_ray.config import ExperimentConfig
+from clair_ray.engine import seeds
+from clair_ray.workloads import hf_causal_lm as hf
+from clair_ray.workloads.lora_engine import LoRAEngineWorkload
+
+__all__ = ["HFCausalLMWorkload", "corrupt_labels", "default_targets_for", "split_train_test"]
+
+#: Purpose tags in the round slot of ``derive_seed(seed, DATA, trial, purpose, client)``.
+SUBSET, PARTITION, SPLIT, CORRUPT = 0, 1, 2, 3
+
+# Per-process caches: actors and tests build many workload instances on the same files.
+_TEXTS: dict[tuple, tuple[list[str], list | None]] = {}
+_TOKENIZERS: dict[tuple, Any] = {}
+_TOKENS: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _stamp(path: str) -> tuple:
+    """A cache key part that changes when the file(s) at ``path`` change (a hub id: just its name)."""
+    p = Path(path)
+    if not p.exists():
+        return (path,)
+    files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+    return (str(p.resolve()), *((q.name, q.stat().st_mtime_ns, q.stat().st_size) for q in files))
+
+
+def default_targets_for(name_or_path: str) -> list[str]:
+    """peft's default LoRA target modules for the model's architecture (``config.model_type``).
+
+    Args:
+        name_or_path: The model directory or hub id.
+
+    Returns:
+        Module names, e.g. ``["c_attn"]`` for GPT-2, ``["q_proj", "v_proj"]`` for Llama.
+
+    Raises:
+        ValueError: If peft has no default list for this architecture.
+    """
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    targets = MAPPING.get(model_type)
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError(
+            f"workload.lora.targets is empty and peft has no default LoRA target list for model_type "
+            f"{model_type!r} ({name_or_path}); set workload.lora.targets to the names of the nn.Linear "
+            "(or GPT-2 Conv1D) modules to adapt, e.g. [q_proj, v_proj]"
+        )
+    return list(targets)
+
+
+def split_train_test(indices: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One client's seeded train/test split: ``round(test_fraction * n)`` test samples, at least 1 of each.
+
+    Args:
+        indices: (n,) the client's sample indices, n >= 2.
+        test_fraction: Share held out, in (0, 1).
+        seed: Seed of the permutation.
+
+    Returns:
+        (sorted train indices, sorted test indices), disjoint, covering ``indices``.
+
+    Raises:
+        ValueError: If the client has fewer than 2 samples.
+    """
+    n = len(indices)
+    if n < 2:
+        raise ValueError(f"a client needs at least 2 samples (1 train, 1 test), got {n}")
+    n_test = min(max(1, round(test_fraction * n)), n - 1)
+    perm = np.random.default_rng(seed).permutation(np.asarray(indices, dtype=np.int64))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def corrupt_labels(
+    kind: str, data: dict[str, torch.Tensor], generator: torch.Generator, vocab_size: int, **params: Any
+) -> dict[str, torch.Tensor]:
+    """A client's training rows with corrupted labels (``data_random``, ``data_shuffle``, ``data_shifted``).
+
+    Only ``labels`` change; ``input_ids`` and ``attention_mask`` stay as they are, and the corrupted labels
+    are -100 exactly where the client's own rows are padding (see the module docstring).
+
+    Args:
+        kind: ``data_random``, ``data_shuffle`` or ``data_shifted``.
+        data: ``input_ids``, ``attention_mask`` and ``labels`` (n, T).
+        generator: Source of randomness.
+        vocab_size: Token ids are drawn / wrapped in ``[0, vocab_size)``.
+        **params: ``offset`` for ``data_shifted`` (an int, default 1).
+
+    Returns:
+        A new dict with the corrupted ``labels`` (the other tensors shared with ``data``).
+
+    Raises:
+        ValueError: On another kind or a parameter :func:`clair_ray.attacks.corrupt_targets` rejects.
+    """
+    if kind not in attacks.DATA_ATTACK_KINDS:
+        raise ValueError(
+            f"hf_causal_lm: data attack {kind!r} is not implemented for text; "
+            f"use one of {list(attacks.DATA_ATTACK_KINDS)}"
+        )
+    labels = data["labels"]  # (n, T)
+    real = labels != -100
+    if kind == "data_shuffle":
+        new = attacks.corrupt_targets(kind, labels, generator, **params)  # rows permuted
+        mask = data.get("attention_mask")
+        new = new.masked_fill(~real if mask is None else mask == 0, -100)
+    else:
+        new = labels.clone()
+        new[real] = attacks.corrupt_targets(kind, labels[real], generator, num_classes=vocab_size, **params)
+    return {**data, "labels": new}
+
+
+class HFCausalLMWorkload(LoRAEngineWorkload):
+    """A Hugging Face causal LM on local text data, partitioned among clients (see the module docstring)."""
+
+    DATA_KINDS: tuple[str, ...] = ()
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        """Stores the config and checks the data attacks (no data or model is loaded here).
+
+        Args:
+            cfg: The validated experiment config (``workload.name == "hf_causal_lm"``).
+
+        Raises:
+            ValueError: If the contamination mix names a data attack this workload does not implement, or
+                gives one a parameter it does not take.
+        """
+        super().__init__(cfg)
+        self.w = cfg.workload.hf_causal_lm
+        self.data_cfg = hf.HFDataConfig(
+            path=self.w.data_path,
+            text_column=self.w.text_column,
+            label_column=self.w.label_column or None,
+            max_length=self.w.max_length,
+        )
+        self.part_cfg = hf.PartitionConfig(
+            kind=self.w.partition, alpha=float(self.w.partition_alpha), min_size=self.w.min_size
+        )
+        for kind, weight in cfg.contamination.mix.items():
+            if weight <= 0 or not kind.startswith("data_"):
+                continue
+            if kind not in attacks.DATA_ATTACK_KINDS:
+                raise ValueError(
+                    f"contamination.mix.{kind}: the hf_causal_lm workload does not implement this data "
+                    f"attack; its data attacks are {list(attacks.DATA_ATTACK_KINDS)}"
+                )
+            params = self._corruption_params(kind)
+            try:  # a dry run, so that a bad parameter fails here and not inside a client actor
+                probe = {"labels": torch.zeros(2, 2, dtype=torch.long)}
+                corrupt_labels(kind, probe, torch.Generator().manual_seed(0), 2, **params)
+            except ValueError as exc:
+                raise ValueError(f"contamination.params.{kind}: {exc}") from exc
+        self._splits: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._train: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def _seed(self, trial: int, purpose: int, k: int = -1) -> int:
+        return seeds.derive_seed(self.cfg.seed, seeds.DATA, trial, purpose, k)
+
+    def _corruption_params(self, kind: str) -> dict[str, Any]:
+        params = dict(self.cfg.contamination.params.get(kind, {}))
+        if "num_classes" in params:
+            raise ValueError(
+                f"contamination.params.{kind}.num_classes: the hf_causal_lm workload uses the tokenizer's "
+                "vocabulary size; remove it"
+            )
+        return params
+
+    def texts(self) -> tuple[list[str], list | None]:
+        """All texts and labels of ``data_path`` (read once per process)."""
+        key = (_stamp(self.data_cfg.path), self.data_cfg.text_column, self.data_cfg.label_column)
+        if key not in _TEXTS:
+            _TEXTS[key] = hf.load_texts(self.data_cfg)
+        return _TEXTS[key]
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (loaded once per process; right padding, pad token = EOS if it has none)."""
+        key = _stamp(self.w.name_or_path)
+        if key not in _TOKENIZERS:
+            tok = hf.load_tokenizer(self.w.name_or_path)
+            tok.padding_side = "right"  # labels and positions assume real tokens first
+            _TOKENIZERS[key] = tok
+        return _TOKENIZERS[key]
+
+    def used(self, trial: int) -> np.ndarray:
+        """Sorted indices (into :meth:`texts`) of the samples ``trial`` uses: all, or the seeded subset of
+        ``max_samples``."""
+        texts, _ = self.texts()
+        n_all = len(texts)
+        if not self.w.max_samples or self.w.max_samples >= n_all:
+            return np.arange(n_all)
+        rng = np.random.default_rng(self._seed(trial, SUBSET))
+        return np.sort(rng.choice(n_all, self.w.max_samples, replace=False))
+
+    def tokens(self, trial: int) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, ``labels`` (N, T) of the used samples, row i = ``used[i]``.
+
+        Tokenised once per process and subset (every trial shares it without ``max_samples``).
+        """
+        texts, _ = self.texts()
+        used = self.used(trial)
+        key = (
+            _stamp(self.w.name_or_path),
+            _stamp(self.data_cfg.path),
+            self.data_cfg.text_column,
+            self.data_cfg.max_length,
+            hashlib.sha1(used.tobytes()).hexdigest(),
+        )
+        if key not in _TOKENS:
+            _TOKENS[key] = hf.tokenize(self.tokenizer(), [texts[i] for i in used], self.data_cfg.max_length)
+        return _TOKENS[key]
+
+    def rows(self, trial: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The tokenised rows of samples ``indices`` (into :meth:`texts`, all used in ``trial``)."""
+        return hf.client_subset(self.tokens(trial), np.searchsorted(self.used(trial), indices))
+
+    def vocab_size(self) -> int:
+        """Token ids a data attack may produce: the tokenizer's vocabulary, ``[0, len(tokenizer))``."""
+        return len(self.tokenizer())
+
+    def client_indices(self, trial: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each client's train and test sample indices (into :meth:`texts`) in ``trial``.
+
+        Returns:
+            (K train index arrays, K test index arrays), sorted, disjoint, together a partition of the
+            used samples.
+
+        Raises:
+            ValueError: If the data cannot give every client at least 2 samples.
+        """
+        if trial not in self._splits:
+            _, labels = self.texts()
+            used = self.used(trial)
+            lab = None if labels is None else [labels[i] for i in used]
+            try:
+                parts = hf.partition(self.part_cfg, len(used), self.K, self._seed(trial, PARTITION), lab)
+            except ValueError as exc:
+                msg = f"workload.hf_causal_lm: {len(used)} samples, {self.K} clients: {exc}"
+                raise ValueError(msg) from exc
+            small = [k for k, p in enumerate(parts) if len(p) < 2]
+            if small:
+                raise ValueError(
+                    f"workload.hf_causal_lm: the {self.w.partition} partition of {len(used)} samples gives "
+                    f"client(s) {small} fewer than 2 samples (one train, one test); use more data "
+                    "(max_samples), fewer clients, or a larger min_size / partition_alpha"
+                )
+            train, test = [], []
+            for k, p in enumerate(parts):
+                tr, te = split_train_test(used[p], self.w.test_fraction, self._seed(trial, SPLIT, k))
+                train.append(tr)
+                test.append(te)
+            self._splits[trial] = (train, test)
+        return self._splits[trial]
+
+    # ---- LoRAEngineWorkload -------------------------------------------------------------------------
+    def prepare(self, progress: Callable[[str], None] | None = None) -> None:
+        """Driver: loads texts and tokenizer, tokenises, resolves the targets (fails fast on bad paths)."""
+        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            data = self.tokens(0)
+            self.client_indices(0)
+            targets = self.spec.target_modules
+        finally:
+            torch.set_num_threads(threads)
+        if progress is not None and time.perf_counter() - t0 > 1.0:
+            n, t = data["input_ids"].shape
+            progress(
+                f"hf_causal_lm: {n} texts of at most {t} tokens, LoRA targets {targets} "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
+
+    def load_base_model(self) -> torch.nn.Module:
+        """A fresh copy of the causal LM through ``AutoModelForCausalLM.from_pretrained`` (eval mode)."""
+        return hf.load_model(self.w.name_or_path)
+
+    def default_targets(self) -> list[str]:
+        """peft's default LoRA targets for the model's architecture (:func:`default_targets_for`)."""
+        return default_targets_for(self.w.name_or_path)
+
+    def client_sizes(self, trial: int) -> np.ndarray:
+        """(K,) training samples per client."""
+        return np.array([len(tr) for tr in self.client_indices(trial)[0]], dtype=np.int64)
+
+    def train_data(self, trial: int, k: int) -> dict[str, torch.Tensor]:
+        """Client k's training rows, its data attack applied to the labels (cached per process)."""
+        if (trial, k) not in self._train:
+            data = self.rows(trial, self.client_indices(trial)[0][k])
+            prob = self.problem(trial)
+            if prob.is_data_attack(k):
+                kind = prob.attack[k]
+                g = seeds.torch_generator(self._seed(trial, CORRUPT, k))
+                data = corrupt_labels(kind, data, g, self.vocab_size(), **self._corruption_params(kind))
+            self._train[(trial, k)] = data
+        return self._train[(trial, k)]
+
+    def test_data(self, trial: int, k: int) -> dict[str, torch.Tensor]:
+        """Client k's clean held-out rows."""
+        return self.rows(trial, self.client_indices(trial)[1][k])
