@@ -80,6 +80,9 @@ GLOBAL_METHODS = ("fedavg", "median", "trimmed_mean", "multi_krum", "geometric_m
 StackedFactors = dict[str, tuple[np.ndarray, np.ndarray]]
 #: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
 AUTO_DENSE_MAX_ENTRIES = 65_536
+#: Evaluation: clients per grouped forward, and held-out sequences per client per forward.
+EVAL_GROUP = 16
+EVAL_ROWS = 64
 
 
 @dataclass
@@ -236,6 +239,7 @@ class LoRAEngineWorkload:
         self._init_state: dict[str, torch.Tensor] | None = None
         self._peft: Any = None  # the resident peft model (train_one)
         self._eval_model: Any = None  # aggregator: the resident peft model for evaluation
+        self._eval_grouped: Any = None  # aggregator: (grouped model, pristine base weights) for evaluation
 
     # ---- what a subclass defines ----------------------------------------------------------------------
     def load_base_model(self) -> torch.nn.Module:
@@ -556,7 +560,13 @@ class LoRAEngineWorkload:
     def _evaluate_all(
         self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, lora.Factors]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(K,) held-out loss and exact match of each client: the shared corrected base + its adapter."""
+        """(K,) held-out loss and exact match of each client: the shared corrected base + its adapter.
+
+        Grouped (:meth:`_evaluate_grouped`: ``EVAL_GROUP`` clients per forward) unless a subclass
+        overrides :meth:`evaluate_model`, in which case each client is evaluated through it with peft.
+        """
+        if type(self).evaluate_model is LoRAEngineWorkload.evaluate_model:
+            return self._evaluate_grouped(trial, clients, corr, adapters)
         loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
         model = self._evaluator()
         shared = lora.fold_corrections(model, corr) if corr else model
@@ -564,6 +574,100 @@ class LoRAEngineWorkload:
             lora.load_factors(shared, adapters[k])
             r = self.evaluate_model(shared, self.test_data(trial, k))
             loss[k], em[k] = r["loss"], r["exact_match"]
+        return loss, em
+
+    def _eval_grouped_model(self) -> Any:
+        """The aggregator's resident grouped model for evaluation (CPU, float32) and its base weights."""
+        if self._eval_grouped is None:
+            from clair_ray.workloads.grouped_lora import GroupedLoRAModel
+
+            spec = self.spec
+            gm = GroupedLoRAModel(self.load_base_model(), spec.target_modules, spec.r, spec.alpha)
+            gm.model.eval()
+            originals = {n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()}
+            self._eval_grouped = (gm, originals)
+        return self._eval_grouped
+
+    @torch.no_grad()
+    def _evaluate_grouped(
+        self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, lora.Factors]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`lora.evaluate_lm`'s loss and exact match for many clients per forward.
+
+        The shared correction is added to the resident base weights (restored from a pristine copy
+        afterwards, so nothing accumulates between methods); each client's adapter, zero-padded to the
+        LoRA rank, is one group. Clients with fewer test sequences are padded with rows whose labels are
+        all -100, which add no token to the loss and no sequence to exact match.
+        """
+        loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
+        if not clients:
+            return loss, em
+        gm, originals = self._eval_grouped_model()
+        r = self.spec.r
+        try:
+            for n, layer in gm.layers.items():
+                w = lora.linear_weight(layer.base)  # (out, in) view
+                w.copy_(originals[n])
+                if n in corr:
+                    w.add_(torch.as_tensor(corr[n], dtype=w.dtype))
+            for c0 in range(0, len(clients), EVAL_GROUP):
+                chunk = clients[c0 : c0 + EVAL_GROUP]
+                states = []
+                for k in chunk:
+                    padded = {}
+                    for n, (b, a) in adapters[k].items():
+                        pb = np.zeros((b.shape[0], r))
+                        pa = np.zeros((r, a.shape[1]))
+                        pb[:, : b.shape[1]], pa[: a.shape[0]] = b, a
+                        padded[n] = (pb, pa)
+                    states.append(gm.state_from_factors(padded))
+                gm.load_clients(states)
+                data = [self.test_data(trial, k) for k in chunk]
+                n_max = max(len(d["input_ids"]) for d in data)
+                tot = np.zeros(len(chunk))
+                tok = np.zeros(len(chunk))
+                exact = np.zeros(len(chunk))
+                for s0 in range(0, n_max, EVAL_ROWS):
+                    ids, labels, mask = [], [], []
+                    for d in data:
+                        part = {
+                            key: t[s0 : s0 + EVAL_ROWS] for key, t in d.items() if isinstance(t, torch.Tensor)
+                        }
+                        rows = min(EVAL_ROWS, n_max - s0)
+                        x, y = part["input_ids"], part["labels"]
+                        m = part.get("attention_mask")
+                        pad = rows - x.shape[0]
+                        if pad:  # copies of the first sequence (or of row 0 of the data) with no labels
+                            src = x[:1] if x.shape[0] else d["input_ids"][:1]
+                            x = torch.cat([x, src.expand(pad, -1)])
+                            y = torch.cat([y, torch.full((pad, y.shape[1]), -100, dtype=y.dtype)])
+                            if m is not None:
+                                msrc = m[:1] if m.shape[0] else d["attention_mask"][:1]
+                                m = torch.cat([m, msrc.expand(pad, -1)])
+                        ids.append(x)
+                        labels.append(y)
+                        if m is not None:
+                            mask.append(m)
+                    x_all = torch.stack(ids)  # (G, rows, T)
+                    y_all = torch.stack(labels)[:, :, 1:]  # (G, rows, T-1): position t predicts t + 1
+                    m_all = torch.stack(mask) if mask else None
+                    logits = gm.forward(x_all, m_all)[:, :, :-1]  # (G, rows, T-1, V)
+                    valid = y_all != -100
+                    ce = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(),
+                        y_all.clamp_min(0).reshape(-1),
+                        reduction="none",
+                    ).view(y_all.shape)  # (G, rows, T-1)
+                    right = (logits.argmax(-1) == y_all) & valid
+                    tot += (ce * valid).sum(dim=(1, 2)).double().numpy()
+                    tok += valid.sum(dim=(1, 2)).double().numpy()
+                    exact += ((right | ~valid).all(dim=2) & valid.any(dim=2)).sum(dim=1).double().numpy()
+                for j, k in enumerate(chunk):
+                    loss[k] = tot[j] / max(tok[j], 1.0)
+                    em[k] = exact[j] / max(len(data[j]["input_ids"]), 1)
+        finally:
+            for n, layer in gm.layers.items():
+                lora.linear_weight(layer.base).copy_(originals[n])
         return loss, em
 
     def aggregate_round(
@@ -636,11 +740,7 @@ class LoRAEngineWorkload:
             honest = [k for k in active if k not in prob.attack]
             loss, em = np.full(K, np.nan), np.full(K, np.nan)
             if due:
-                model = self._evaluator()
-                lora.load_factors(model, glob)
-                for k in honest:
-                    r = self.evaluate_model(model, self.test_data(trial, k))
-                    loss[k], em[k] = r["loss"], r["exact_match"]
+                loss, em = self._evaluate_all(trial, honest, {}, dict.fromkeys(honest, glob))
             eval_s = time.perf_counter() - t1
             flagged = np.zeros(K, dtype=bool)
             reason = [""] * K

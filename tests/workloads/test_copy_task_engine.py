@@ -235,3 +235,42 @@ def test_summary_shows_lm_metrics_only_when_present() -> None:
     assert (
         "honest_mean_test_loss" in text and "honest_mean_error" not in text and "subspace_error" not in text
     )
+
+
+def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: Path) -> None:
+    """Grouped held-out evaluation (many clients per forward) = peft's per-client evaluate_lm."""
+    from clair_ray.workloads import lora
+    from clair_ray.workloads import lora_engine as le
+
+    cfg = small(tmp_path, copy_cache)
+    wl = get_workload(cfg)
+    wl.prepare()
+    _, payload = wl.train_batch(0, 0, [(k, 50 + k) for k in range(5)], actor_id=0, fail=[])
+    names = list(payload["final"])
+    # Adapters of several ranks (1 and the full 4), a shared correction, and unequal test-set sizes.
+    adapters = {
+        k: {
+            n: (payload["final"][n][0][k][:, : 1 + 3 * (k % 2)], payload["final"][n][1][k][: 1 + 3 * (k % 2)])
+            for n in names
+        }
+        for k in range(5)
+    }
+    corr = {n: 0.1 * payload["final"][n][0][0] @ payload["final"][n][1][0] for n in names}
+    full = wl.test_data
+    wl.test_data = lambda trial, k: {key: t[: 5 + 3 * k] for key, t in full(trial, k).items()}  # type: ignore[method-assign]
+    old_group, old_rows = le.EVAL_GROUP, le.EVAL_ROWS
+    le.EVAL_GROUP, le.EVAL_ROWS = 2, 7  # several chunks of clients and of rows
+    try:
+        loss, em = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], corr, adapters)
+        again, _ = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], {}, adapters)  # the base is restored
+    finally:
+        le.EVAL_GROUP, le.EVAL_ROWS = old_group, old_rows
+    shared = lora.fold_corrections(wl._evaluator(), corr)
+    plain = wl._evaluator()
+    for k in range(5):
+        lora.load_factors(shared, adapters[k])
+        ref = lora.evaluate_lm(shared, wl.test_data(0, k))
+        np.testing.assert_allclose(loss[k], ref["loss"], rtol=1e-5)
+        assert em[k] == ref["exact_match"]
+        lora.load_factors(plain, adapters[k])
+        np.testing.assert_allclose(again[k], lora.evaluate_lm(plain, wl.test_data(0, k))["loss"], rtol=1e-5)
