@@ -274,3 +274,33 @@ def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: P
         assert em[k] == ref["exact_match"]
         lora.load_factors(plain, adapters[k])
         np.testing.assert_allclose(again[k], lora.evaluate_lm(plain, wl.test_data(0, k))["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_multi_round_fedavg_resumes_to_the_same_results(tmp_path: Path, copy_cache: Path) -> None:
+    """Multi-round LoRA FedAvg on Ray: the global adapter improves, and a crash + resume changes nothing."""
+    from clair_ray.engine import EngineError, run_experiment
+
+    multi = [
+        "workload.mode=multi_round",
+        "workload.rounds=3",
+        "workload.lora.eval_every=1",
+        "aggregation.methods=[fedavg]",
+        "contamination.mix.sign_flip=0.0",
+    ]
+    full = run_experiment(small(tmp_path / "full", copy_cache, *multi))
+    loss = full.summary.set_index("round")["honest_mean_test_loss"]
+    assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
+    assert set(full.rounds.columns) >= {"round_s", "client_compute_s", "agg_s", "eval_s", "orchestration_s"}
+    with pytest.raises(EngineError, match="debug_stop_after_round"):
+        run_experiment(small(tmp_path / "crash", copy_cache, *multi, "engine.debug_stop_after_round=0"))
+    resumed = run_experiment(
+        small(tmp_path / "crash", copy_cache, *multi, "resume=true", "engine.num_actors=1")
+    )
+
+    def stable(df: pd.DataFrame) -> pd.DataFrame:
+        df = df.drop(columns=[c for c in NONDETERMINISTIC_COLUMNS if c in df.columns])
+        return df.sort_values(["method", "round", "client_id"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(stable(full.clients), stable(resumed.clients), check_exact=True)
