@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         res = run_experiment(cfg, progress=lambda msg: print(msg, flush=True))
-    except EngineError as exc:
+    except (EngineError, ConfigError, FileNotFoundError) as exc:  # incl. a workload refusing its data
         print(f"clair-ray run: {exc}", file=sys.stderr)
         return 1
     print(

@@ -518,7 +518,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(e, 0 < w.lr < 2, "workload.lr", w.lr, "must be in (0, 2) (gradient steps on whitened inputs)")
     _check(e, w.truth_factor > 0, "workload.truth_factor", w.truth_factor, "must be > 0")
     _check(e, 0 <= c.fraction < 1, "contamination.fraction", c.fraction, "must be in [0, 1)")
-    known = UPDATE_ATTACKS + (COPY_DATA_ATTACKS if copy else DATA_ATTACKS)
+    known = UPDATE_ATTACKS + (COPY_DATA_ATTACKS if w.name == "copy_task" else DATA_ATTACKS)
     for kind, weight in c.mix.items():
         _check(e, kind in known, f"contamination.mix.{kind}", weight, f"unknown attack; known: {list(known)}")
         _check(e, weight >= 0, f"contamination.mix.{kind}", weight, "must be >= 0")

@@ -49,8 +49,8 @@ Data attacks (on the client's TRAINING labels only; its inputs and its test data
 - ``data_shifted``: every real-token label shifted by ``offset`` (``contamination.params.data_shifted
   .offset``, default 1) modulo the vocabulary size.
 
-The copy task's own corruptions (``data_reversed``, ``data_flip``) have no meaning for free text: the
-workload refuses them when it is built.
+The copy task's own corruptions (``data_reversed``, ``data_flip``) have no meaning for free text: config
+validation refuses them for this workload.
 
 Relative ``name_or_path`` and ``data_path`` are resolved against each process's working directory (for a
 local run, the directory ``clair-ray run`` was started in; for a Ray job, the job's working directory).
@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from clair_ray import attacks
-from clair_ray.config import ExperimentConfig
+from clair_ray.config import ConfigError, ExperimentConfig
 from clair_ray.engine import seeds
 from clair_ray.workloads import hf_causal_lm as hf
 from clair_ray.workloads.lora_engine import LoRAEngineWorkload
@@ -191,8 +191,8 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
             cfg: The validated experiment config (``workload.name == "hf_causal_lm"``).
 
         Raises:
-            ValueError: If the contamination mix names a data attack this workload does not implement, or
-                gives one a parameter it does not take.
+            ConfigError: (a ValueError) If the contamination gives a data attack a parameter it does not
+                take.
         """
         super().__init__(cfg)
         self.w = cfg.workload.hf_causal_lm
@@ -208,18 +208,20 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
         for kind, weight in cfg.contamination.mix.items():
             if weight <= 0 or not kind.startswith("data_"):
                 continue
-            if kind not in attacks.DATA_ATTACK_KINDS:
-                raise ValueError(
-                    f"contamination.mix.{kind}: the hf_causal_lm workload does not implement this data "
-                    f"attack; its data attacks are {list(attacks.DATA_ATTACK_KINDS)}"
-                )
-            params = self._corruption_params(kind)
-            try:  # a dry run, so that a bad parameter fails here and not inside a client actor
+            # Config validation admits only attacks.py's data kinds here. A dry run, so that a bad
+            # parameter fails here and not inside a client actor.
+            try:
+                params = self._corruption_params(kind)
                 probe = {"labels": torch.zeros(2, 2, dtype=torch.long)}
                 corrupt_labels(kind, probe, torch.Generator().manual_seed(0), 2, **params)
             except ValueError as exc:
-                raise ValueError(f"contamination.params.{kind}: {exc}") from exc
+                msg = str(exc)
+                raise ConfigError(
+                    msg if msg.startswith("contamination.") else f"contamination.params.{kind}: {msg}"
+                ) from exc
         self._splits: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._used: dict[int, np.ndarray] = {}
+        self._tokens: dict[int, dict[str, torch.Tensor]] = {}
         self._train: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -252,20 +254,26 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
         return _TOKENIZERS[key]
 
     def used(self, trial: int) -> np.ndarray:
-        """Sorted indices (into :meth:`texts`) of the samples ``trial`` uses: all, or the seeded subset of
-        ``max_samples``."""
-        texts, _ = self.texts()
-        n_all = len(texts)
-        if not self.w.max_samples or self.w.max_samples >= n_all:
-            return np.arange(n_all)
-        rng = np.random.default_rng(self._seed(trial, SUBSET))
-        return np.sort(rng.choice(n_all, self.w.max_samples, replace=False))
+        """Sorted indices (into :meth:`texts`) of the samples ``trial`` uses.
+
+        All of them, or (``max_samples > 0``) a seeded subset of that many.
+        """
+        if trial not in self._used:
+            n_all = len(self.texts()[0])
+            if not self.w.max_samples or self.w.max_samples >= n_all:
+                self._used[trial] = np.arange(n_all)
+            else:
+                rng = np.random.default_rng(self._seed(trial, SUBSET))
+                self._used[trial] = np.sort(rng.choice(n_all, self.w.max_samples, replace=False))
+        return self._used[trial]
 
     def tokens(self, trial: int) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``labels`` (N, T) of the used samples, row i = ``used[i]``.
 
         Tokenised once per process and subset (every trial shares it without ``max_samples``).
         """
+        if trial in self._tokens:
+            return self._tokens[trial]
         texts, _ = self.texts()
         used = self.used(trial)
         key = (
@@ -277,7 +285,8 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
         )
         if key not in _TOKENS:
             _TOKENS[key] = hf.tokenize(self.tokenizer(), [texts[i] for i in used], self.data_cfg.max_length)
-        return _TOKENS[key]
+        self._tokens[trial] = _TOKENS[key]
+        return self._tokens[trial]
 
     def rows(self, trial: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """The tokenised rows of samples ``indices`` (into :meth:`texts`, all used in ``trial``)."""
