@@ -534,3 +534,67 @@ class GroupedLoRAModel:
             opt.step()
             losses[s] = per_client.detach().double().cpu()
         return losses
+
+
+@torch.no_grad()
+def grouped_evaluate(
+    gm: GroupedLoRAModel, data: Sequence[Mapping[str, torch.Tensor]], rows: int = 64
+) -> list[dict[str, float]]:
+    """:func:`clair_ray.workloads.lora.evaluate_lm`'s loss and exact match for every loaded client at once.
+
+    Client g (its adapter loaded as group g) is evaluated on ``data[g]``. Clients with fewer sequences
+    are padded with rows whose labels are all -100, which add no token to the loss and no sequence to
+    exact match (still divided by the client's own sequence count).
+
+    Args:
+        gm: The model with G clients loaded (:meth:`GroupedLoRAModel.load_clients`).
+        data: G dicts of ``input_ids``, ``labels`` (n_g, T) and optional ``attention_mask``; one T.
+        rows: Sequences per client per forward (memory: G · rows · T · V logits).
+
+    Returns:
+        Per client ``{"loss": mean over labelled tokens, "exact_match": fraction of sequences}``.
+    """
+    g = gm.n_clients
+    if len(data) != g:
+        raise ValueError(f"data: {len(data)} clients for {g} loaded adapters")
+    was_training = gm.model.training
+    gm.model.eval()
+    n_max = max(len(d["input_ids"]) for d in data)
+    tot, tok, exact = torch.zeros(g, dtype=torch.float64), torch.zeros(g), torch.zeros(g)
+    for s0 in range(0, n_max, rows):
+        width = min(rows, n_max - s0)
+        ids, labels, masks = [], [], []
+        for d in data:
+            x, y = d["input_ids"][s0 : s0 + rows], d["labels"][s0 : s0 + rows]
+            m = d["attention_mask"][s0 : s0 + rows] if "attention_mask" in d else None
+            pad = width - x.shape[0]
+            if pad:  # copies of the client's first sequence, with no label
+                x = torch.cat([x, d["input_ids"][:1].expand(pad, -1)])
+                y = torch.cat([y, torch.full((pad, y.shape[1]), -100, dtype=y.dtype)])
+                if m is not None:
+                    m = torch.cat([m, d["attention_mask"][:1].expand(pad, -1)])
+            ids.append(x)
+            labels.append(y)
+            if m is not None:
+                masks.append(m)
+        device = next(gm.model.parameters()).device
+        x_all = torch.stack(ids).to(device)  # (G, width, T)
+        y_all = torch.stack(labels)[:, :, 1:].to(device)  # (G, width, T-1): position t predicts t + 1
+        m_all = torch.stack(masks).to(device) if masks else None
+        logits = gm.forward(x_all, m_all)[:, :, :-1]  # (G, width, T-1, V)
+        valid = y_all != -100
+        ce = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), y_all.clamp_min(0).reshape(-1), reduction="none"
+        ).view(y_all.shape)  # (G, width, T-1)
+        right = (logits.argmax(-1) == y_all) & valid
+        tot += (ce * valid).sum(dim=(1, 2)).double().cpu()
+        tok += valid.sum(dim=(1, 2)).float().cpu()
+        exact += ((right | ~valid).all(dim=2) & valid.any(dim=2)).sum(dim=1).float().cpu()
+    gm.model.train(was_training)
+    return [
+        {
+            "loss": float(tot[j]) / max(float(tok[j]), 1.0),
+            "exact_match": float(exact[j]) / max(len(data[j]["input_ids"]), 1),
+        }
+        for j in range(g)
+    ]

@@ -23,19 +23,12 @@ What runs where:
   runs every method per module, and evaluates each honest client on its own held-out data (loss and exact
   match) on CPU in float32.
 
-One-shot methods (all per LoRA module; every result is applied as ONE shared dense correction per module
-folded into one shared base copy plus each client's own adapter, never a merged weight copy per client):
-
-- ``clair``: :func:`run_clair` per module with ``offset=True``, evidence combined over modules as the
-  mean of score / threshold (``clair_ray.clair.combine_modules``), flagged above 1. Refinement, ``side``
-  both: mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V (column: no P_V; row: no P_U): the shared correction is
-  mean_Ĉ − P_U mean_Ĉ P_V, the client's adapter (P_U B_k)(A_k P_V). ``workload.lora.clair_input``
-  chooses whether the core sees the factor pairs (the scalable path) or the dense products.
-- ``oracle``: the same refinement with the true honest set and U, V from the centred honest updates.
-- ``fedavg``: mean over all clients; ``fedavg_honest``: mean over the truly honest clients only (an
-  oracle-ish reference); ``median``, ``trimmed_mean``, ``multi_krum``, ``geometric_median``: the
-  aggregator on the dense per-module updates; all as the shared correction with no personal adapter.
-- ``local``: the client's own adapter; ``local_early``: its adapter after ``early_steps``.
+One-shot methods (CLAIR per module on the factor pairs, the oracle, FedAvg, FedAvg over the honest
+clients, the robust baselines, local and early-stopped local) are pure functions in
+:mod:`clair_ray.workloads.lora_aggregate`; each gives one shared dense correction per module, folded into
+one shared base copy, plus each client's own adapter, never a merged weight copy per client. Evaluation
+loads up to ``EVAL_GROUP`` clients' adapters at once into a grouped model
+(:func:`~clair_ray.workloads.grouped_lora.grouped_evaluate`).
 
 Multi-round mode (``workload.mode: multi_round``) runs ``fedavg`` as FedIT does: every round each client
 starts from the global adapter, trains ``steps`` local steps with a fresh AdamW, and the server averages
@@ -61,25 +54,22 @@ import numpy as np
 import torch
 
 from clair_ray import attacks
-from clair_ray.aggregators import AggContext, get_aggregator
 from clair_ray.config import ExperimentConfig
 from clair_ray.engine import seeds
 from clair_ray.workloads import lora
+from clair_ray.workloads.grouped_lora import grouped_evaluate
+from clair_ray.workloads.lora_aggregate import ModuleUpdates, combine_evidence, run_clair, run_method
 
 __all__ = [
     "LoRAEngineWorkload",
     "LoRAProblem",
-    "combine_evidence",
+    "combine_evidence",  # re-exported from lora_aggregate
     "fedavg_factors",
-    "run_clair",
+    "run_clair",  # re-exported from lora_aggregate
 ]
 
-#: Methods whose result is one global update for everyone (the shared correction, no personal adapter).
-GLOBAL_METHODS = ("fedavg", "median", "trimmed_mean", "multi_krum", "geometric_median")
 #: Module name -> (B (n, out, r), A (n, r, in)): a batch of clients' factors of one module.
 StackedFactors = dict[str, tuple[np.ndarray, np.ndarray]]
-#: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
-AUTO_DENSE_MAX_ENTRIES = 65_536
 #: Evaluation: clients per grouped forward, and held-out sequences per client per forward.
 EVAL_GROUP = 16
 EVAL_ROWS = 64
@@ -128,57 +118,6 @@ def fedavg_factors(factors: Sequence[lora.Factors], weights: Sequence[float] | N
     return out
 
 
-def run_clair(
-    updates: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]],
-    rank: int,
-    side: str,
-    *,
-    seed: int,
-    **params: Any,
-) -> Any:
-    """CLAIR on one module's updates, centred (``offset=True``), on the side(s) refinement needs.
-
-    Args:
-        updates: (K, out, in) float64 dense updates B_k A_k, or K factor pairs (B_k (out, r), A_k (r, in))
-            (the core then centres by a low-rank robust mean and never forms a dense update).
-        rank: Subspace rank per module.
-        side: ``column``, ``row`` or ``both`` (detection on the column side, refinement on both).
-        seed: The core's seed.
-        **params: Further keyword arguments of ``clair_ray.clair`` (``aggregation.params.clair``:
-            ``solver``, ``mad_k``, ``lam``, ``tau``).
-
-    Returns:
-        The :class:`clair_ray.ClairResult` (for factor inputs ``refined`` is a ``FactoredRefinement``).
-    """
-    import clair_ray  # late: clair_ray's __init__ imports the core
-
-    reserved = sorted({"rank", "offset", "seed", "side"} & set(params))
-    if reserved:
-        raise ValueError(f"aggregation.params.clair must not set {reserved}: they come from the config")
-    return clair_ray.clair(updates, rank=rank, offset=True, seed=seed, side=side, **params)
-
-
-def combine_evidence(results: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Per-module evidence combined by ``clair_ray.clair.combine_modules``: mean of score / threshold.
-
-    Dividing by each module's own threshold keeps one large module from dominating (DESIGN.md section 1,
-    "Scale"); a client is flagged when its mean exceeds 1.
-
-    Args:
-        results: Module name -> ClairResult over the same clients.
-
-    Returns:
-        ((K,) bool flagged, (K,) combined evidence, client -> reason).
-    """
-    from clair_ray.clair import combine_modules
-
-    det = combine_modules(results)
-    evidence = det.scores.double().numpy()  # (K,)
-    flagged = np.zeros(evidence.shape[0], dtype=bool)
-    flagged[det.contaminated] = True
-    return flagged, evidence, dict(det.reasons)
-
-
 def batch_order(n: int, batch: int, steps: int, seed: int) -> torch.Tensor:
     """(steps, b) the sequence indices of every step, drawn exactly as ``lora.train_lora`` draws them."""
     gen = torch.Generator().manual_seed(int(seed))
@@ -196,13 +135,6 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> torch.Tensor:
 def _stack(factors: list[lora.Factors]) -> StackedFactors:
     names = list(factors[0])
     return {n: (np.stack([f[n][0] for f in factors]), np.stack([f[n][1] for f in factors])) for n in names}
-
-
-def _as_pair(dense: np.ndarray, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
-    """An exact factor pair (B (out, r'), A (r', in)) of a dense update, r' its numerical rank."""
-    u, s, vh = np.linalg.svd(dense, full_matrices=False)
-    keep = max(1, int(np.sum(s > tol * max(float(s[0]) if s.size else 0.0, 1e-300))))
-    return u[:, :keep] * s[:keep], vh[:keep]
 
 
 class LoRAEngineWorkload:
@@ -489,7 +421,8 @@ class LoRAEngineWorkload:
         for i, m in enumerate(meta):
             f = final[i] if m["ok"] else None
             m["update_norm"] = (
-                math.sqrt(sum(float(np.sum((b @ a) ** 2)) for b, a in f.values())) if f else math.nan
+                # ‖B A‖_F² = tr((BᵀB)(AAᵀ)): no dense update, even for large modules.
+                math.sqrt(sum(float(np.sum((b.T @ b) * (a @ a.T))) for b, a in f.values())) if f else math.nan
             )
             m["bytes_sent"] = sum(b.nbytes + a.nbytes for b, a in f.values()) if f else 0
             m["train_s"] = dt
@@ -596,8 +529,7 @@ class LoRAEngineWorkload:
 
         The shared correction is added to the resident base weights (restored from a pristine copy
         afterwards, so nothing accumulates between methods); each client's adapter, zero-padded to the
-        LoRA rank, is one group. Clients with fewer test sequences are padded with rows whose labels are
-        all -100, which add no token to the loss and no sequence to exact match.
+        LoRA rank, is one group (:func:`~clair_ray.workloads.grouped_lora.grouped_evaluate`).
         """
         loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
         if not clients:
@@ -622,49 +554,9 @@ class LoRAEngineWorkload:
                         padded[n] = (pb, pa)
                     states.append(gm.state_from_factors(padded))
                 gm.load_clients(states)
-                data = [self.test_data(trial, k) for k in chunk]
-                n_max = max(len(d["input_ids"]) for d in data)
-                tot = np.zeros(len(chunk))
-                tok = np.zeros(len(chunk))
-                exact = np.zeros(len(chunk))
-                for s0 in range(0, n_max, EVAL_ROWS):
-                    ids, labels, mask = [], [], []
-                    for d in data:
-                        part = {
-                            key: t[s0 : s0 + EVAL_ROWS] for key, t in d.items() if isinstance(t, torch.Tensor)
-                        }
-                        rows = min(EVAL_ROWS, n_max - s0)
-                        x, y = part["input_ids"], part["labels"]
-                        m = part.get("attention_mask")
-                        pad = rows - x.shape[0]
-                        if pad:  # copies of the first sequence (or of row 0 of the data) with no labels
-                            src = x[:1] if x.shape[0] else d["input_ids"][:1]
-                            x = torch.cat([x, src.expand(pad, -1)])
-                            y = torch.cat([y, torch.full((pad, y.shape[1]), -100, dtype=y.dtype)])
-                            if m is not None:
-                                msrc = m[:1] if m.shape[0] else d["attention_mask"][:1]
-                                m = torch.cat([m, msrc.expand(pad, -1)])
-                        ids.append(x)
-                        labels.append(y)
-                        if m is not None:
-                            mask.append(m)
-                    x_all = torch.stack(ids)  # (G, rows, T)
-                    y_all = torch.stack(labels)[:, :, 1:]  # (G, rows, T-1): position t predicts t + 1
-                    m_all = torch.stack(mask) if mask else None
-                    logits = gm.forward(x_all, m_all)[:, :, :-1]  # (G, rows, T-1, V)
-                    valid = y_all != -100
-                    ce = torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]).float(),
-                        y_all.clamp_min(0).reshape(-1),
-                        reduction="none",
-                    ).view(y_all.shape)  # (G, rows, T-1)
-                    right = (logits.argmax(-1) == y_all) & valid
-                    tot += (ce * valid).sum(dim=(1, 2)).double().numpy()
-                    tok += valid.sum(dim=(1, 2)).double().numpy()
-                    exact += ((right | ~valid).all(dim=2) & valid.any(dim=2)).sum(dim=1).double().numpy()
+                out = grouped_evaluate(gm, [self.test_data(trial, k) for k in chunk], rows=EVAL_ROWS)
                 for j, k in enumerate(chunk):
-                    loss[k] = tot[j] / max(tok[j], 1.0)
-                    em[k] = exact[j] / max(len(data[j]["input_ids"]), 1)
+                    loss[k], em[k] = out[j]["loss"], out[j]["exact_match"]
         finally:
             for n, layer in gm.layers.items():
                 lora.linear_weight(layer.base).copy_(originals[n])
@@ -726,14 +618,10 @@ class LoRAEngineWorkload:
             t0 = time.perf_counter()
             glob = fedavg_factors([own[k] for k in active])
             agg_s = time.perf_counter() - t0
-            norms = np.array(
-                [
-                    math.sqrt(sum(float(np.sum((b @ a) ** 2)) for b, a in own[k].values()))
-                    if valid[k]
-                    else math.nan
-                    for k in range(K)
-                ]
-            )
+            names = list(next(f for f in own if f))
+            norms = ModuleUpdates(
+                {n: [own[k][n] if valid[k] else None for k in range(K)] for n in names}
+            ).norms()
             every = self.lw.eval_every
             due = round_ + 1 == self.rounds or (every > 0 and (round_ + 1) % every == 0)
             t1 = time.perf_counter()
@@ -765,32 +653,20 @@ class LoRAEngineWorkload:
         names, own, own_early, finite = self._collect(group)
         reported = np.ones(K, dtype=bool)
         reported[list(group["dropped"])] = False
-        template = next(f for f in own if f)
-        # Dense per-module updates: the attacks and the baselines need them (the copy task's modules are
-        # small); CLAIR sees factor pairs where workload.lora.clair_input says so.
-        sent: dict[str, torch.Tensor] = {}
-        for n in names:
-            b0, a0 = template[n]
-            arr = np.full((K, b0.shape[0], a0.shape[1]), np.nan)  # (K, out, in)
-            for k in range(K):
-                if own[k]:
-                    arr[k] = own[k][n][0] @ own[k][n][1]
-            sent[n] = torch.from_numpy(arr)
-        # Update attacks, per module, after every honest update exists (ALIE and IPM are omniscient).
+        ups = ModuleUpdates({n: [own[k][n] if own[k] else None for k in range(K)] for n in names})
+        # Update attacks, per module, after every honest update exists (ALIE and IPM are omniscient); they
+        # act on dense updates, and the server then holds an exact factorisation of each attacked one.
         honest_ids = [k for k in range(K) if finite[k] and k not in prob.attack]
-        attacked: set[int] = set()
         for k, kind in prob.attack.items():
             if not finite[k] or prob.is_data_attack(k):
                 continue
             g = seeds.torch_generator(seeds.derive_seed(self.cfg.seed, seeds.ATTACK, trial, round_, k))
             params = self._attack_params(kind, len(prob.contaminated))
             for n in names:
-                honest = sent[n][honest_ids] if honest_ids else None
-                sent[n][k] = attacks.apply_update_attack(kind, sent[n][k].clone(), honest, g, **params)
-            attacked.add(k)
-        valid = reported & np.all(
-            [torch.isfinite(sent[n]).reshape(K, -1).all(1).numpy() for n in names], axis=0
-        )
+                dense = ups.dense(n)
+                honest = dense[honest_ids] if honest_ids else None
+                ups.set_dense(n, k, attacks.apply_update_attack(kind, dense[k].clone(), honest, g, **params))
+        valid = reported & ups.finite()
         active = np.flatnonzero(valid).tolist()
         contaminated = np.zeros(K, dtype=bool)
         contaminated[prob.contaminated] = True
@@ -800,19 +676,12 @@ class LoRAEngineWorkload:
                 for k in range(K)
             ]
         )
-        norms = np.sqrt(sum(torch.linalg.matrix_norm(sent[n]).numpy() ** 2 for n in names))  # (K,)
+        norms = ups.norms()  # (K,)
         honest_eval = [k for k in active if not contaminated[k]]
-        # What the server received as factor pairs: the client's own, or an exact factorisation of its
-        # attacked dense update.
-        pairs = {
-            n: [
-                _as_pair(sent[n][k].numpy()) if k in attacked else own[k][n] if own[k] else None
-                for k in range(K)
-            ]
-            for n in names
-        }
-        zero = {n: (np.zeros((sent[n].shape[1], 1)), np.zeros((1, sent[n].shape[2]))) for n in names}
         method_seed = seeds.derive_seed(self.cfg.seed, seeds.METHOD, trial, round_)
+        from clair_ray.engine.aggregate import n_attackers_assumed
+
+        n_att = n_attackers_assumed(self.cfg, len(active))
         metas: dict[str, dict[str, Any]] = {}
         for method in group["methods"]:
             t0 = time.perf_counter()
@@ -820,8 +689,19 @@ class LoRAEngineWorkload:
             reason = [""] * K
             for k in np.flatnonzero(reported & ~valid):
                 flagged[k], reason[k] = True, "non-finite"
-            corr, adapters, fl, why = self._method(
-                method, names, sent, pairs, own, own_early, active, honest_eval, zero, method_seed
+            corr, adapters, fl, why = run_method(
+                method,
+                ups,
+                own,
+                own_early,
+                active,
+                honest_eval,
+                rank=self.rank,
+                side=self.lw.side,
+                clair_mode=self.lw.clair_input,
+                params=self.cfg.aggregation.params,
+                n_attackers=n_att,
+                seed=method_seed,
             )
             for k in fl:
                 flagged[k], reason[k] = True, why.get(k, method)
@@ -839,139 +719,3 @@ class LoRAEngineWorkload:
                 "eval_s": time.perf_counter() - t1,
             }
         return metas
-
-    def _clair_input(self, sent: torch.Tensor) -> str:
-        mode = self.lw.clair_input
-        if mode == "auto":
-            return "dense" if sent.shape[1] * sent.shape[2] <= AUTO_DENSE_MAX_ENTRIES else "factors"
-        return mode
-
-    def _method(
-        self,
-        method: str,
-        names: list[str],
-        sent: dict[str, torch.Tensor],
-        pairs: dict[str, list[Any]],
-        own: list[lora.Factors],
-        own_early: list[lora.Factors],
-        active: list[int],
-        honest: list[int],
-        zero: lora.Factors,
-        seed: int,
-    ) -> tuple[dict[str, np.ndarray], dict[int, lora.Factors], list[int], dict[int, str]]:
-        """One method: (shared corrections per module, adapters of the honest clients, flagged, reasons)."""
-        if method == "local":
-            return {}, {k: own[k] for k in honest}, [], {}
-        if method == "local_early":
-            return {}, {k: own_early[k] for k in honest}, [], {}
-        if method == "fedavg_honest":
-            return {n: sent[n][honest].mean(0).numpy() for n in names}, dict.fromkeys(honest, zero), [], {}
-        if method == "clair":
-            return self._clair(names, sent, pairs, active, honest, seed)
-        if method == "oracle":
-            return self._oracle(names, sent, active, honest)
-        if method in GLOBAL_METHODS:
-            from clair_ray.engine.aggregate import n_attackers_assumed
-
-            ctx = AggContext(n_attackers=n_attackers_assumed(self.cfg, len(active)), seed=seed)
-            agg = get_aggregator(method, **self.cfg.aggregation.params.get(method, {}))
-            corr, votes = {}, np.zeros(len(active))
-            for n in names:
-                out = agg.aggregate(sent[n][active], ctx)
-                keep = [j for j in range(len(active)) if j not in set(out.flagged)]
-                corr[n] = out.per_client[keep[0]].double().numpy()  # global: the same for every kept client
-                votes[out.flagged] += 1
-            # A client counts as flagged when most modules excluded it (multi-Krum selects per module).
-            fl = [active[j] for j in np.flatnonzero(votes > len(names) / 2)]
-            why = {k: f"{method}: excluded in {int(votes[active.index(k)])}/{len(names)} modules" for k in fl}
-            return corr, dict.fromkeys(honest, zero), fl, why
-        raise ValueError(f"aggregation.methods: {method!r} is not available for LoRA workloads")
-
-    def _clair(
-        self,
-        names: list[str],
-        sent: dict[str, torch.Tensor],
-        pairs: dict[str, list[Any]],
-        active: list[int],
-        honest: list[int],
-        seed: int,
-    ) -> tuple[dict[str, np.ndarray], dict[int, lora.Factors], list[int], dict[int, str]]:
-        """CLAIR per module, evidence combined over modules, refinement from the combined flags."""
-        side, r = self.lw.side, self.rank
-        params = dict(self.cfg.aggregation.params.get("clair", {}))
-        # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
-        params.setdefault("solver", "fast")
-        runs: dict[str, Any] = {}
-        for n in names:
-            if self._clair_input(sent[n]) == "factors":
-                inp: Any = [
-                    tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in pairs[n][k]) for k in active
-                ]
-            else:
-                inp = sent[n][active]
-            runs[n] = run_clair(inp, r, side, seed=seed, **params)
-        flag_local, _, reasons = combine_evidence(runs)
-        fl = [active[j] for j in np.flatnonzero(flag_local)]
-        why = {active[j]: reasons[j] for j in np.flatnonzero(flag_local)}
-        keep = [k for k in active if k not in set(fl)]
-        bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
-        for n in names:
-            res = runs[n]
-            if side == "both":
-                u, v = res.subspace, res.info["row_subspace"]
-            elif side == "column":
-                u, v = res.subspace, None
-            else:
-                u, v = None, res.subspace
-            bases[n] = (
-                None if u is None else u.double().numpy(),
-                None if v is None else v.double().numpy(),
-            )
-        corr, adapters = self._project(names, sent, pairs, keep, honest, bases)
-        return corr, adapters, fl, why
-
-    def _oracle(
-        self, names: list[str], sent: dict[str, torch.Tensor], active: list[int], honest: list[int]
-    ) -> tuple[dict[str, np.ndarray], dict[int, lora.Factors], list[int], dict[int, str]]:
-        """The true honest set, U and V from the SVDs of the centred honest updates."""
-        side, r = self.lw.side, self.rank
-        bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
-        for n in names:
-            centred = (sent[n][honest] - sent[n][honest].mean(0)).numpy()  # (H, out, in)
-            u = np.linalg.svd(np.concatenate(list(centred), axis=1), full_matrices=False)[0][:, :r]
-            v = np.linalg.svd(np.concatenate([c.T for c in centred], axis=1), full_matrices=False)[0][:, :r]
-            bases[n] = (u if side != "row" else None, v if side != "column" else None)
-        fl = [k for k in active if k not in set(honest)]
-        corr, adapters = self._project(names, sent, {}, honest, honest, bases)
-        return corr, adapters, fl, {}
-
-    @staticmethod
-    def _project(
-        names: list[str],
-        sent: dict[str, torch.Tensor],
-        pairs: dict[str, list[Any]],
-        keep: list[int],
-        honest: list[int],
-        bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
-    ) -> tuple[dict[str, np.ndarray], dict[int, lora.Factors]]:
-        """mean + P_U (Δ_k − mean) P_V as one shared correction per module and a factored adapter each.
-
-        With m = mean over ``keep``: the correction is m − P_U m P_V (folded into the shared base) and
-        client k's adapter is (P_U B_k, A_k P_V) from its own factor pair when ``pairs`` has it, else from
-        the dense update (u, uᵀ Δ_k v vᵀ), so that correction + adapter = m + P_U (Δ_k − m) P_V.
-        """
-        corr: dict[str, np.ndarray] = {}
-        adapters: dict[int, lora.Factors] = {k: {} for k in honest}
-        for n in names:
-            m = sent[n][keep].mean(0).numpy()  # (out, in)
-            u, v = bases[n]
-            pm = m if u is None else u @ (u.T @ m)
-            pm = pm if v is None else (pm @ v) @ v.T
-            corr[n] = m - pm
-            for k in honest:
-                pair = pairs.get(n, [None] * (k + 1))[k] if pairs else None
-                b, a = pair if pair is not None else _as_pair(sent[n][k].numpy())
-                pb = b if u is None else u @ (u.T @ b)  # (out, r')
-                pa = a if v is None else (a @ v) @ v.T  # (r', in)
-                adapters[k][n] = (pb, pa)
-        return corr, adapters

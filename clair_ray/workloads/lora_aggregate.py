@@ -1,0 +1,333 @@
+"""One-shot aggregation of LoRA updates per module: CLAIR, the oracle and the baselines (pure compute).
+
+What the aggregator actor of a LoRA workload runs (:mod:`clair_ray.workloads.lora_engine`), as plain
+functions on numpy factor pairs, testable without Ray or a model.
+
+Every method returns ONE shared dense correction per module (folded into one shared base copy for
+evaluation) plus each honest client's own adapter as a factor pair, never a merged weight copy per client:
+
+- ``clair``: :func:`run_clair` per module with ``offset=True``, evidence combined over modules as the
+  mean of score / threshold (``clair_ray.clair.combine_modules``), flagged above 1. Refinement with
+  ``side`` both: mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V (column: no P_V; row: no P_U), applied as the shared
+  correction mean_Ĉ − P_U mean_Ĉ P_V and the adapter (P_U B_k, A_k P_V).
+- ``oracle``: the same refinement with the true honest set and U, V from the centred honest updates.
+- ``fedavg``: mean over all clients; ``fedavg_honest``: mean over the truly honest clients only;
+  ``median``, ``trimmed_mean``, ``multi_krum``, ``geometric_median``: the aggregator on the dense
+  per-module updates; all as the shared correction with no personal adapter.
+- ``local``: the client's own adapter; ``local_early``: its adapter after ``early_steps``.
+
+Dense (K, out, in) stacks of a module are built only when something needs them (:class:`ModuleUpdates`):
+update attacks, the element-wise baselines, the oracle, or CLAIR with ``clair_input`` dense. CLAIR on
+factor pairs with FedAvg, local training and the refinement never forms a client's dense update, so the
+path scales to large modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from clair_ray.aggregators import AggContext, get_aggregator
+from clair_ray.workloads.lora import Factors
+
+__all__ = [
+    "DENSE_METHODS",
+    "GLOBAL_METHODS",
+    "ModuleUpdates",
+    "as_pair",
+    "combine_evidence",
+    "run_clair",
+    "run_method",
+]
+
+#: Methods whose result is one global update for everyone (the shared correction, no personal adapter).
+GLOBAL_METHODS = ("fedavg", "median", "trimmed_mean", "multi_krum", "geometric_median")
+#: Methods that need every client's dense per-module update.
+DENSE_METHODS = ("median", "trimmed_mean", "multi_krum", "geometric_median", "oracle")
+#: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
+AUTO_DENSE_MAX_ENTRIES = 65_536
+Pair = tuple[np.ndarray, np.ndarray]
+#: (shared corrections per module, adapters of the honest clients, flagged clients, reasons).
+MethodResult = tuple[dict[str, np.ndarray], dict[int, Factors], list[int], dict[int, str]]
+
+
+def as_pair(dense: np.ndarray, tol: float = 1e-12) -> Pair:
+    """An exact factor pair (B (out, r'), A (r', in)) of a dense update, r' its numerical rank."""
+    u, s, vh = np.linalg.svd(dense, full_matrices=False)
+    keep = max(1, int(np.sum(s > tol * max(float(s[0]) if s.size else 0.0, 1e-300))))
+    return u[:, :keep] * s[:keep], vh[:keep]
+
+
+class ModuleUpdates:
+    """The K clients' updates of every module, as factor pairs, with dense stacks built on demand.
+
+    Args:
+        pairs: Module name -> K entries, each (B (out, r'), A (r', in)) or None (no update).
+    """
+
+    def __init__(self, pairs: dict[str, list[Pair | None]]) -> None:
+        self.pairs = pairs
+        self.names = list(pairs)
+        self.K = len(next(iter(pairs.values())))
+        self._dense: dict[str, torch.Tensor] = {}
+
+    def shape(self, n: str) -> tuple[int, int]:
+        """(out, in) of module n."""
+        b, a = next(p for p in self.pairs[n] if p is not None)
+        return b.shape[0], a.shape[1]
+
+    def dense(self, n: str) -> torch.Tensor:
+        """(K, out, in) float64 dense updates of module n (NaN for clients without one); cached."""
+        if n not in self._dense:
+            out, inn = self.shape(n)
+            arr = np.full((self.K, out, inn), np.nan)
+            for k, p in enumerate(self.pairs[n]):
+                if p is not None:
+                    arr[k] = p[0] @ p[1]
+            self._dense[n] = torch.from_numpy(arr)
+        return self._dense[n]
+
+    def set_dense(self, n: str, k: int, update: torch.Tensor) -> None:
+        """Replaces client k's update of module n (an attacked update) in both forms."""
+        self.dense(n)[k] = update
+        self.pairs[n][k] = as_pair(update.numpy())
+
+    def mean(self, n: str, ids: list[int]) -> np.ndarray:
+        """(out, in) mean update of module n over ``ids`` (through the factors unless dense exists)."""
+        if n in self._dense:
+            return self._dense[n][ids].mean(0).numpy()
+        b = np.concatenate([self.pairs[n][k][0] for k in ids], axis=1)  # (out, N)
+        a = np.concatenate([self.pairs[n][k][1] for k in ids], axis=0)  # (N, in)
+        return (b @ a) / len(ids)
+
+    def norms(self) -> np.ndarray:
+        """(K,) ‖update‖_F over all modules, ‖B A‖_F² = tr((BᵀB)(AAᵀ)) (NaN without an update)."""
+        out = np.zeros(self.K)
+        for n in self.names:
+            for k, p in enumerate(self.pairs[n]):
+                if p is None:
+                    out[k] = np.nan
+                else:
+                    b, a = p
+                    out[k] += float(np.sum((b.T @ b) * (a @ a.T)))
+        return np.sqrt(np.maximum(out, 0.0))
+
+    def finite(self) -> np.ndarray:
+        """(K,) clients whose every module's update is present and finite."""
+        ok = np.ones(self.K, dtype=bool)
+        for n in self.names:
+            for k, p in enumerate(self.pairs[n]):
+                ok[k] &= p is not None and bool(np.isfinite(p[0]).all() and np.isfinite(p[1]).all())
+        return ok
+
+
+def run_clair(updates: Any, rank: int, side: str, *, seed: int, **params: Any) -> Any:
+    """CLAIR on one module's updates, centred (``offset=True``).
+
+    Args:
+        updates: (K, out, in) float64 dense updates B_k A_k, or K factor pairs (B_k (out, r), A_k (r, in))
+            (the core then centres by a low-rank robust mean and never forms a dense update).
+        rank: Subspace rank per module.
+        side: ``column``, ``row`` or ``both`` (detection on the column side, refinement on both).
+        seed: The core's seed.
+        **params: Further keyword arguments of ``clair_ray.clair`` (``aggregation.params.clair``:
+            ``solver``, ``mad_k``, ``lam``, ``tau``).
+
+    Returns:
+        The :class:`clair_ray.ClairResult`.
+    """
+    import clair_ray  # late: clair_ray's __init__ imports the core
+
+    reserved = sorted({"rank", "offset", "seed", "side"} & set(params))
+    if reserved:
+        raise ValueError(f"aggregation.params.clair must not set {reserved}: they come from the config")
+    return clair_ray.clair(updates, rank=rank, offset=True, seed=seed, side=side, **params)
+
+
+def combine_evidence(results: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Per-module evidence combined by ``clair_ray.clair.combine_modules``: mean of score / threshold.
+
+    Dividing by each module's own threshold keeps one large module from dominating (DESIGN.md section 1,
+    "Scale"); a client is flagged when its mean exceeds 1.
+
+    Args:
+        results: Module name -> ClairResult over the same clients.
+
+    Returns:
+        ((K,) bool flagged, (K,) combined evidence, client -> reason).
+    """
+    from clair_ray.clair import combine_modules
+
+    det = combine_modules(results)
+    evidence = det.scores.double().numpy()  # (K,)
+    flagged = np.zeros(evidence.shape[0], dtype=bool)
+    flagged[det.contaminated] = True
+    return flagged, evidence, dict(det.reasons)
+
+
+def clair_input(mode: str, shape: tuple[int, int]) -> str:
+    """``factors`` or ``dense``: what CLAIR sees for a module of ``shape`` (``workload.lora.clair_input``)."""
+    if mode == "auto":
+        return "dense" if shape[0] * shape[1] <= AUTO_DENSE_MAX_ENTRIES else "factors"
+    return mode
+
+
+def _zero(ups: ModuleUpdates) -> Factors:
+    return {n: (np.zeros((ups.shape(n)[0], 1)), np.zeros((1, ups.shape(n)[1]))) for n in ups.names}
+
+
+def run_method(
+    method: str,
+    ups: ModuleUpdates,
+    own: list[Factors],
+    own_early: list[Factors],
+    active: list[int],
+    honest: list[int],
+    *,
+    rank: int,
+    side: str,
+    clair_mode: str,
+    params: dict[str, dict[str, Any]],
+    n_attackers: int,
+    seed: int,
+) -> MethodResult:
+    """One method on one round's updates.
+
+    Args:
+        method: The method name.
+        ups: Every module's (possibly attacked) updates.
+        own: Each client's own final factors ({} without an update).
+        own_early: Each client's factors after ``early_steps`` ({} if not recorded).
+        active: Clients with a valid update.
+        honest: The truly honest active clients (who are evaluated).
+        rank: Subspace rank of CLAIR and the oracle.
+        side: ``column``, ``row`` or ``both``.
+        clair_mode: ``workload.lora.clair_input``.
+        params: ``aggregation.params`` (method -> keyword arguments).
+        n_attackers: Attackers assumed by the baselines that need a number.
+        seed: The round's method seed.
+
+    Returns:
+        (shared corrections per module, adapters of the honest clients, flagged, reasons).
+    """
+    names = ups.names
+    if method == "local":
+        return {}, {k: own[k] for k in honest}, [], {}
+    if method == "local_early":
+        return {}, {k: own_early[k] for k in honest}, [], {}
+    if method == "fedavg_honest":
+        return {n: ups.mean(n, honest) for n in names}, dict.fromkeys(honest, _zero(ups)), [], {}
+    if method == "fedavg":
+        return {n: ups.mean(n, active) for n in names}, dict.fromkeys(honest, _zero(ups)), [], {}
+    if method == "clair":
+        clair_params = dict(params.get("clair", {}))
+        # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
+        clair_params.setdefault("solver", "fast")
+        return _clair(ups, active, honest, rank, side, clair_mode, clair_params, seed)
+    if method == "oracle":
+        return _oracle(ups, active, honest, rank, side)
+    if method in GLOBAL_METHODS:
+        ctx = AggContext(n_attackers=n_attackers, seed=seed)
+        agg = get_aggregator(method, **params.get(method, {}))
+        corr, votes = {}, np.zeros(len(active))
+        for n in names:
+            out = agg.aggregate(ups.dense(n)[active], ctx)
+            keep = [j for j in range(len(active)) if j not in set(out.flagged)]
+            corr[n] = out.per_client[keep[0]].double().numpy()  # global: the same for every kept client
+            votes[out.flagged] += 1
+        # A client counts as flagged when most modules excluded it (multi-Krum selects per module).
+        fl = [active[j] for j in np.flatnonzero(votes > len(names) / 2)]
+        why = {k: f"{method}: excluded in {int(votes[active.index(k)])}/{len(names)} modules" for k in fl}
+        return corr, dict.fromkeys(honest, _zero(ups)), fl, why
+    raise ValueError(f"aggregation.methods: {method!r} is not available for LoRA workloads")
+
+
+def _clair(
+    ups: ModuleUpdates,
+    active: list[int],
+    honest: list[int],
+    rank: int,
+    side: str,
+    mode: str,
+    params: dict[str, Any],
+    seed: int,
+) -> MethodResult:
+    """CLAIR per module, evidence combined over modules, refinement from the combined flags."""
+    runs: dict[str, Any] = {}
+    for n in ups.names:
+        if clair_input(mode, ups.shape(n)) == "factors":
+            inp: Any = [
+                tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in ups.pairs[n][k]) for k in active
+            ]
+        else:
+            inp = ups.dense(n)[active]
+        runs[n] = run_clair(inp, rank, side, seed=seed, **params)
+    flag_local, _, reasons = combine_evidence(runs)
+    fl = [active[j] for j in np.flatnonzero(flag_local)]
+    why = {active[j]: reasons[j] for j in np.flatnonzero(flag_local)}
+    keep = [k for k in active if k not in set(fl)]
+    bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+    for n in ups.names:
+        res = runs[n]
+        if side == "both":
+            u, v = res.subspace, res.info["row_subspace"]
+        elif side == "column":
+            u, v = res.subspace, None
+        else:
+            u, v = None, res.subspace
+        bases[n] = (None if u is None else u.double().numpy(), None if v is None else v.double().numpy())
+    corr, adapters = project(ups, keep, honest, bases)
+    return corr, adapters, fl, why
+
+
+def _oracle(ups: ModuleUpdates, active: list[int], honest: list[int], rank: int, side: str) -> MethodResult:
+    """The true honest set, U and V from the SVDs of the centred honest updates (dense: a reference)."""
+    bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+    for n in ups.names:
+        sent = ups.dense(n)[honest]
+        centred = (sent - sent.mean(0)).numpy()  # (H, out, in)
+        u = np.linalg.svd(np.concatenate(list(centred), axis=1), full_matrices=False)[0][:, :rank]
+        v = np.linalg.svd(np.concatenate([c.T for c in centred], axis=1), full_matrices=False)[0][:, :rank]
+        bases[n] = (u if side != "row" else None, v if side != "column" else None)
+    fl = [k for k in active if k not in set(honest)]
+    corr, adapters = project(ups, honest, honest, bases)
+    return corr, adapters, fl, {}
+
+
+def project(
+    ups: ModuleUpdates,
+    keep: list[int],
+    honest: list[int],
+    bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
+) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
+    """mean + P_U (Δ_k − mean) P_V as one shared correction per module and a factored adapter each.
+
+    With m = mean over ``keep``: the correction is m − P_U m P_V (folded into the shared base) and client
+    k's adapter is (P_U B_k, A_k P_V) from its factor pair, so that correction + adapter =
+    m + P_U (Δ_k − m) P_V.
+
+    Args:
+        ups: The updates.
+        keep: The clients the mean is over (CLAIR's unflagged clients, or the true honest set).
+        honest: Clients that get an adapter.
+        bases: Module -> (U (out, r) or None, V (in, r) or None).
+
+    Returns:
+        (module -> (out, in) correction, client -> module -> (B (out, r'), A (r', in))).
+    """
+    corr: dict[str, np.ndarray] = {}
+    adapters: dict[int, Factors] = {k: {} for k in honest}
+    for n in ups.names:
+        m = ups.mean(n, keep)  # (out, in)
+        u, v = bases[n]
+        pm = m if u is None else u @ (u.T @ m)
+        pm = pm if v is None else (pm @ v) @ v.T
+        corr[n] = m - pm
+        for k in honest:
+            b, a = ups.pairs[n][k]
+            pb = b if u is None else u @ (u.T @ b)  # (out, r')
+            pa = a if v is None else (a @ v) @ v.T  # (r', in)
+            adapters[k][n] = (pb, pa)
+    return corr, adapters
