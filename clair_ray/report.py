@@ -334,6 +334,13 @@ def build_report(
         )
     md += ["", f"{h2} Honest clients' {res.metric_label}", ""]
     md += _table(res.summary, res.conditions, "method", res.metric, methods)
+    em = "honest_mean_exact_match"
+    if res.metric == "honest_mean_test_loss" and em in res.summary and res.summary[em].notna().any():
+        md += ["", f"{h2} Honest clients' exact match", ""]
+        md += _table(res.summary, res.conditions, "method", em, methods)
+    if "f1" in res.summary and res.summary["f1"].notna().any() and res.conditions:
+        md += ["", f"{h2} Detection F1 (all contaminated clients with visible contamination)", ""]
+        md += _table(res.summary, res.conditions, "method", "f1", methods)
     f1 = attack_f1(res) if "clair" in methods else pd.DataFrame()
     if len(f1):
         visible = sorted(f1.groupby("attack")["n_detectable"].sum().loc[lambda s: s > 0].index)
