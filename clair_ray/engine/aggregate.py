@@ -241,7 +241,7 @@ class AggregatorActor:
         noise: dict[str, np.ndarray],
         prev_box: list[Any],
         timeout_s: float,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
         """Fetches the groups' update batches and aggregates.
 
         Args:
@@ -254,19 +254,21 @@ class AggregatorActor:
             timeout_s: Timeout of every fetch.
 
         Returns:
-            See :func:`aggregate_round`.
+            See :func:`aggregate_round`, plus the evaluation plan of a workload that evaluates on the client
+            actors (None for the linear workload, which evaluates here).
         """
         own = getattr(self.workload, "aggregate_round", None)
         if own is not None:
-            # Workloads with their own update format aggregate (and evaluate) themselves; the payloads
-            # are fetched here, zero-copy, as for the dense path.
+            # Workloads with their own update format aggregate themselves; the payloads are fetched here,
+            # zero-copy, as for the dense path. Their held-out evaluation is left to the client actors
+            # (which hold the model already): the third return is the evaluation plan.
             fetched = []
             for g in groups:
                 arrays = ray.get([ref for _, ref in g["batches"]], timeout=timeout_s)
                 batches = [(ids, arr) for (ids, _), arr in zip(g["batches"], arrays, strict=True)]
                 fetched.append({**g, "batches": batches})
             prev = ray.get(prev_box[0], timeout=timeout_s) if prev_box else None
-            return own(trial, round_, fetched, noise, prev)
+            return own(trial, round_, fetched, noise, prev, evaluate=False)
         K, p, q = self.cfg.workload.num_clients, self.cfg.workload.p, self.cfg.workload.q
         plain: list[Group] = []
         for g in groups:
@@ -276,4 +278,5 @@ class AggregatorActor:
                 updates[ids] = arr
             plain.append(Group(methods=list(g["methods"]), updates=updates, dropped=list(g["dropped"])))
         prev = ray.get(prev_box[0], timeout=timeout_s) if prev_box else None
-        return aggregate_round(self.cfg, self.workload, trial, round_, plain, noise, prev)
+        metas, nexts = aggregate_round(self.cfg, self.workload, trial, round_, plain, noise, prev)
+        return metas, nexts, None

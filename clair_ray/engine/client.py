@@ -147,3 +147,12 @@ class ClientActor(ClientWorker):
         if starts_box:
             starts = ray.get(starts_box[0], timeout=timeout_s)[group]
         return self.train(trial, round_, group, jobs, starts)
+
+    def evaluate_from(
+        self, trial: int, plan_box: list[Any], clients: list[int], timeout_s: float
+    ) -> dict[str, Any]:
+        """Held-out evaluation of ``clients`` under the aggregator's plan (``[ref]``), on this actor's
+        resident model (LoRA workloads: ``evaluate_batch``)."""
+        self.calls += 1
+        plan = ray.get(plan_box[0], timeout=timeout_s)
+        return self.workload.evaluate_batch(trial, plan, clients)

@@ -311,7 +311,11 @@ class Runner:
             )
         t_train = time.perf_counter() - t0
         box = [] if starts_ref is None else [starts_ref]
-        agg_meta, next_ref = self._aggregate(trial, round_, payload, noise, box)
+        agg_meta, next_ref, plan_ref = self._aggregate(trial, round_, payload, noise, box)
+        t_eval = time.perf_counter()
+        if self._plan_pending(agg_meta):
+            self.evaluate_round(trial, round_, plan_ref, agg_meta)
+        eval_wall = time.perf_counter() - t_eval
         round_s = time.perf_counter() - t0
         busy: dict[int, float] = {}  # actor -> seconds inside training calls (train_s is per client)
         for g in groups:
@@ -319,7 +323,7 @@ class Runner:
                 busy[m["actor_id"]] = busy.get(m["actor_id"], 0.0) + float(m["train_s"])
         client_s = max(busy.values(), default=0.0)
         agg_s = sum(float(agg_meta[m]["agg_s"]) for m in methods)
-        eval_s = sum(float(agg_meta[m].get("eval_s", 0.0)) for m in methods)
+        eval_s = sum(float(agg_meta[m].get("eval_s", 0.0)) for m in methods) + eval_wall
         self.timings.append(
             {
                 "trial": trial,
@@ -378,13 +382,61 @@ class Runner:
         )
         return next_ref
 
+    @staticmethod
+    def _plan_pending(agg_meta: dict[str, dict[str, Any]]) -> bool:
+        return any("eval_clients" in m for m in agg_meta.values())
+
+    def evaluate_round(self, trial: int, round_: int, plan_ref: Any, agg_meta: dict[str, dict]) -> None:
+        """Held-out evaluation on the client actors (LoRA workloads), written into ``agg_meta``.
+
+        Every method's clients are cut into batches by client id (``engine.batch_size``), batch b to actor
+        b mod A, each call evaluating its clients under every method on the actor's resident model. A
+        call whose actor died is re-submitted (the actor restarts), like training.
+        """
+        clients = sorted({k for m in agg_meta.values() for k in m.get("eval_clients", [])})
+        bs, A = self.cfg.engine.batch_size, len(self.actors)
+        batches = [clients[i : i + bs] for i in range(0, len(clients), bs)]
+        tries = dict.fromkeys(range(len(batches)), 0)
+        refs = {
+            self.actors[i % A].evaluate_from.remote(trial, [plan_ref], b, self.timeout): i
+            for i, b in enumerate(batches)
+        }
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.timeout)
+            if not ready:
+                raise EngineError(
+                    f"trial {trial} round {round_}: evaluation did not finish within "
+                    f"engine.call_timeout_s={self.timeout}s"
+                )
+            i = refs.pop(ready[0])
+            try:
+                out = ray.get(ready[0], timeout=self.timeout)
+            except RayActorError as exc:
+                tries[i] += 1
+                if tries[i] > self.cfg.engine.max_restarts:
+                    raise EngineError(f"evaluation of clients {batches[i]} failed: {exc}") from exc
+                time.sleep(0.5)  # the actor is restarting
+                refs[self.actors[i % A].evaluate_from.remote(trial, [plan_ref], batches[i], self.timeout)] = i
+                continue
+            except RayTaskError as exc:
+                cause = str(exc.as_instanceof_cause()).strip().splitlines()[-1]
+                raise EngineError(f"evaluation of clients {batches[i]} failed: {cause}") from exc
+            for method, r in out.items():
+                if method.startswith("_"):
+                    continue
+                m = agg_meta[method]
+                m["test_loss"] = np.array(m["test_loss"], dtype=float, copy=True)
+                m["exact_match"] = np.array(m["exact_match"], dtype=float, copy=True)
+                m["test_loss"][r["clients"]] = r["loss"]
+                m["exact_match"][r["clients"]] = r["exact_match"]
+
     def _aggregate(self, trial: int, round_: int, payload: list, noise: dict, box: list) -> tuple:
         for attempt in range(self.cfg.engine.max_restarts + 1):
-            meta_ref, next_ref = self.agg.aggregate.options(num_returns=2).remote(
+            meta_ref, next_ref, plan_ref = self.agg.aggregate.options(num_returns=3).remote(
                 trial, round_, payload, noise, box, self.timeout
             )
             try:
-                return ray.get(meta_ref, timeout=self.timeout), next_ref
+                return ray.get(meta_ref, timeout=self.timeout), next_ref, plan_ref
             except RayActorError:
                 log.warning(
                     "aggregator actor died in trial %d round %d (attempt %d); re-submitting",

@@ -19,9 +19,13 @@ What runs where:
   per-module factor pairs (B (out, r) with alpha/r folded in, A (r, in)) as float64 numpy, plus the
   snapshot after ``early_steps`` (the early-stopped local baseline: AdamW's first ``early_steps`` steps do
   not depend on how many follow, so the snapshot equals a separate short run).
-- **Aggregator actor** (:meth:`~LoRAEngineWorkload.aggregate_round`): applies update attacks per module,
-  runs every method per module, and evaluates each honest client on its own held-out data (loss and exact
-  match) on CPU in float32.
+- **Aggregator actor** (:meth:`~LoRAEngineWorkload.aggregate_round`): applies update attacks per module and
+  runs every method per module; it returns an evaluation plan (each method's shared correction and the
+  honest clients' adapters) instead of evaluating.
+- **Client actors again** (:meth:`~LoRAEngineWorkload.evaluate_batch`): the engine hands the plan back to
+  the client actors, which evaluate their batch of honest clients under every method on the model they
+  already hold (loss and exact match on each client's own held-out data; float32 on CPU, bf16 on GPU).
+  Called without Ray (``evaluate=True``), the aggregation evaluates in place.
 
 One-shot methods (CLAIR per module on the factor pairs, the oracle, FedAvg, FedAvg over the honest
 clients, the robust baselines, local and early-stopped local) are pure functions in
@@ -510,13 +514,9 @@ class LoRAEngineWorkload:
         return loss, em
 
     def _eval_grouped_model(self) -> Any:
-        """The aggregator's resident grouped model for evaluation (CPU, float32) and its base weights."""
+        """The resident grouped model (the one clients train on) and a pristine copy of its base weights."""
         if self._eval_grouped is None:
-            from clair_ray.workloads.grouped_lora import GroupedLoRAModel
-
-            spec = self.spec
-            gm = GroupedLoRAModel(self.load_base_model(), spec.target_modules, spec.r, spec.alpha)
-            gm.model.eval()
+            gm = self._resident()
             originals = {n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()}
             self._eval_grouped = (gm, originals)
         return self._eval_grouped
@@ -569,7 +569,8 @@ class LoRAEngineWorkload:
         groups: list[dict[str, Any]],
         noise: dict[str, np.ndarray],
         prev: Any,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        evaluate: bool = True,
+    ) -> tuple[Any, ...]:
         """Attacks, every method per module, and held-out evaluation of the honest clients.
 
         Args:
@@ -579,17 +580,51 @@ class LoRAEngineWorkload:
                 multi-round: one group per method after the first round.
             noise: Unused (no noise model for LoRA tasks).
             prev: Unused (the global adapter travels to the clients, not back here).
+            evaluate: Evaluate here (tests, no Ray); False: leave ``test_loss`` / ``exact_match`` NaN and
+                return an evaluation plan the engine hands to the client actors
+                (:meth:`evaluate_batch`), which hold the model already and evaluate in parallel.
 
         Returns:
             Per method the per-client arrays the runner records (as
             :func:`clair_ray.engine.aggregate.aggregate_round`, plus ``test_loss``, ``exact_match`` and
-            ``eval_s``), and the next round's global adapters per method (``{}`` one-shot).
+            ``eval_s``), the next round's global adapters per method (``{}`` one-shot), and with
+            ``evaluate=False`` the evaluation plan (method -> what :meth:`evaluate_batch` needs).
         """
         del noise, prev
+        plan: dict[str, Any] = {}
         if self.multi_round:
-            return self._fedavg_round(trial, round_, groups)
-        (group,) = groups
-        return self._one_shot(trial, round_, group), {}
+            metas, nexts = self._fedavg_round(trial, round_, groups, evaluate, plan)
+        else:
+            (group,) = groups
+            metas, nexts = self._one_shot(trial, round_, group, evaluate, plan), {}
+        for method, p in plan.items():  # the engine dispatches these clients' evaluation
+            metas[method]["eval_clients"] = list(p["clients"])
+        return (metas, nexts) if evaluate else (metas, nexts, plan)
+
+    def evaluate_batch(self, trial: int, plan: dict[str, Any], clients: list[int]) -> dict[str, Any]:
+        """Held-out evaluation of some clients under every method of an evaluation plan (client actors).
+
+        Args:
+            trial: Trial index.
+            plan: From :meth:`aggregate_round` with ``evaluate=False``: per method the shared
+                ``corr`` (module -> (out, in)), and either ``shared`` (one adapter for every client) or
+                ``adapters`` (client -> factors), and the ``clients`` it evaluates.
+            clients: The clients this call evaluates (each method evaluates those in its own list).
+
+        Returns:
+            Method -> ``{"clients": [...], "loss": [...], "exact_match": [...]}``.
+        """
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {}
+        for method, p in plan.items():
+            mine = [k for k in clients if k in set(p["clients"])]
+            if not mine:
+                continue
+            adapters = dict.fromkeys(mine, p["shared"]) if p["shared"] is not None else p["adapters"]
+            loss, em = self._evaluate_all(trial, mine, p["corr"], adapters)
+            out[method] = {"clients": mine, "loss": loss[mine].tolist(), "exact_match": em[mine].tolist()}
+        out["_eval_s"] = time.perf_counter() - t0
+        return out
 
     def _base_meta(self, valid: np.ndarray, reported: np.ndarray, norms: np.ndarray) -> dict[str, Any]:
         nan = np.full(self.K, np.nan)
@@ -604,7 +639,7 @@ class LoRAEngineWorkload:
         }
 
     def _fedavg_round(
-        self, trial: int, round_: int, groups: list[dict[str, Any]]
+        self, trial: int, round_: int, groups: list[dict[str, Any]], evaluate: bool, plan: dict[str, Any]
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Multi-round FedAvg (FedIT): average the factors, evaluate the global adapter when due."""
         K, prob = self.K, self.problem(trial)
@@ -627,9 +662,12 @@ class LoRAEngineWorkload:
             t1 = time.perf_counter()
             honest = [k for k in active if k not in prob.attack]
             loss, em = np.full(K, np.nan), np.full(K, np.nan)
-            if due:
+            if due and evaluate:
                 loss, em = self._evaluate_all(trial, honest, {}, dict.fromkeys(honest, glob))
             eval_s = time.perf_counter() - t1
+            if due and not evaluate:
+                for method in group["methods"]:
+                    plan[method] = {"corr": {}, "shared": glob, "adapters": {}, "clients": honest}
             flagged = np.zeros(K, dtype=bool)
             reason = [""] * K
             for k in np.flatnonzero(reported & ~valid):
@@ -648,7 +686,9 @@ class LoRAEngineWorkload:
                 nexts[method] = glob
         return metas, nexts
 
-    def _one_shot(self, trial: int, round_: int, group: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def _one_shot(
+        self, trial: int, round_: int, group: dict[str, Any], evaluate: bool, plan: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
         K, prob = self.K, self.problem(trial)
         names, own, own_early, finite = self._collect(group)
         reported = np.ones(K, dtype=bool)
@@ -707,7 +747,11 @@ class LoRAEngineWorkload:
                 flagged[k], reason[k] = True, why.get(k, method)
             agg_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            loss, em = self._evaluate_all(trial, honest_eval, corr, adapters)
+            if evaluate:
+                loss, em = self._evaluate_all(trial, honest_eval, corr, adapters)
+            else:
+                loss, em = np.full(K, np.nan), np.full(K, np.nan)
+                plan[method] = {"corr": corr, "shared": None, "adapters": adapters, "clients": honest_eval}
             metas[method] = {
                 **self._base_meta(valid, reported, norms),
                 "flagged": flagged,
