@@ -53,6 +53,7 @@ def _memory(total: int) -> dict:
         "max_process": "driver",
         "peak_anon_total": total // 3,
         "by_role": {"driver": total // 2, "client actors": total - total // 2},
+        "anon_by_role": {"driver": total // 4, "client actors": total // 4},
         "samples": 1,
         "per_process": [],
     }
@@ -70,6 +71,7 @@ def test_summarize_rounds_splits_the_steady_rounds(scale: ModuleType) -> None:
     assert s["orch_train_s"] + s["orch_agg_s"] == pytest.approx(s["orchestration_s"])
     assert s["orchestration_pct"] == pytest.approx(12.0)
     assert s["per_client_ms"] == pytest.approx(50.0)
+    assert (s["best_round_s"], s["best_per_client_ms"]) == pytest.approx((4.0, 40.0))
     assert s["between_rounds_s"] == pytest.approx(1.0)
     parts = ("client_compute_pct", "agg_pct", "eval_pct", "orchestration_pct")
     assert sum(s[p] for p in parts) == pytest.approx(100.0)
@@ -91,9 +93,19 @@ def test_between_rounds_subtracts_each_round(scale: ModuleType) -> None:
 def test_growth_check_and_table(scale: ModuleType) -> None:
     settings = []
     for K, orch in ((100, 0.6), (1000, 0.3)):
-        s = scale.summarize_rounds(_rounds(K))
-        s.update(workload="copy_task", run_wall_s=30.0, memory=_memory(2**30), bytes_per_client=1024.0)
-        s.update(checkpoint_bytes=2**20, orchestration_pct=100 * orch / s["round_s"])
+        raw = {
+            "workload": "copy_task",
+            "K": K,
+            "rounds_table": _rounds(K).to_dict(orient="records"),
+            "round_ends": [10.0, 14.5, 21.0],
+            "run_wall_s": 30.0,
+            "memory": _memory(2**30),
+            "bytes_per_client": 1024.0,
+            "checkpoint_bytes": 2**20,
+        }
+        s = scale.summarize_setting(raw)
+        assert s["between_rounds_s"] == pytest.approx(0.5)  # 14.5 - 10 - 4 and 21 - 14.5 - 6
+        s["orchestration_pct"] = 100 * orch / s["round_s"]
         settings.append(s)
     lines = scale.growth_check(settings)
     text = "\n".join(lines)

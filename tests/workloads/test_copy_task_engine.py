@@ -304,3 +304,25 @@ def test_multi_round_fedavg_resumes_to_the_same_results(tmp_path: Path, copy_cac
         return df.sort_values(["method", "round", "client_id"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(stable(full.clients), stable(resumed.clients), check_exact=True)
+
+
+def test_evaluation_plan_on_clients_equals_evaluating_in_place(tmp_path: Path, copy_cache: Path) -> None:
+    """The engine's split (aggregate, then evaluate_batch on client actors) gives the in-place numbers."""
+    cfg = small(tmp_path, copy_cache)
+    wl = get_workload(cfg)
+    wl.prepare()
+    K = cfg.workload.num_clients
+    _, payload = wl.train_batch(0, 0, [(k, 7 + k) for k in range(K)], actor_id=0, fail=[])
+    group = {"methods": list(cfg.aggregation.methods), "dropped": [], "batches": [(list(range(K)), payload)]}
+    here, _ = wl.aggregate_round(0, 0, [group], {}, None)
+    metas, _, plan = get_workload(cfg).aggregate_round(0, 0, [group], {}, None, evaluate=False)
+    assert set(plan) == set(metas) and all(np.isnan(m["test_loss"]).all() for m in metas.values())
+    worker = get_workload(cfg)  # another process's instance: a client actor
+    clients = sorted({k for m in metas.values() for k in m["eval_clients"]})
+    parts = [worker.evaluate_batch(0, plan, clients[:2]), worker.evaluate_batch(0, plan, clients[2:])]
+    for method, m in here.items():
+        got = np.full(K, np.nan)
+        for part in parts:
+            if method in part:
+                got[part[method]["clients"]] = part[method]["loss"]
+        np.testing.assert_allclose(got, m["test_loss"], rtol=1e-6, equal_nan=True)
