@@ -32,14 +32,18 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from clair_ray import attacks
-from clair_ray.workloads import lora
+
+if TYPE_CHECKING:
+    from clair_ray.workloads import lora
+
+# transformers and peft (through lora.py) are imported where a model is built or trained, so that the
+# task's configs and data (what a driver or an aggregator needs) load without them.
 
 __all__ = [
     "ARCHS",
@@ -330,6 +334,10 @@ def default_targets(arch: str) -> list[str]:
 
 def make_model(cfg: CopyBaseConfig) -> torch.nn.Module:
     """A freshly initialised tiny causal LM (no dropout), seeded by ``cfg.seed``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from clair_ray.workloads import lora
+
     n_pos = 2 * cfg.prefix_len + 1
     # bos/eos inside the vocabulary (transformers warns about GPT-2's default 50256 otherwise).
     ids = {"bos_token_id": cfg.sep, "eos_token_id": cfg.sep, "pad_token_id": cfg.sep}
@@ -372,6 +380,8 @@ def base_key(cfg: CopyBaseConfig) -> str:
 
 def _train_base(cfg: CopyBaseConfig) -> torch.nn.Module:
     """Full fine-tuning on the identity copy with fresh random prefixes every step."""
+    from clair_ray.workloads import lora
+
     model = make_model(cfg)
     task = CopyTaskConfig(base=cfg, n_common=0, n_personal=0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
@@ -400,6 +410,8 @@ def build_base(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
     Returns:
         The model directory; load it with :func:`load_base`.
     """
+    from clair_ray.workloads import lora
+
     root = Path(cache_dir)
     path = root / f"copy-base-{cfg.arch}-{base_key(cfg)}"
     if (path / _MARKER).exists():
@@ -427,6 +439,10 @@ def build_base(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
 
 def load_base(path: str | os.PathLike) -> torch.nn.Module:
     """Loads a base model directory with ``AutoModelForCausalLM.from_pretrained`` (eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    from clair_ray.workloads import lora
+
     model = AutoModelForCausalLM.from_pretrained(str(path))
     model.eval()
     return lora.quiet_model(model)
@@ -466,6 +482,8 @@ def train_client(
     Returns:
         (module -> (B (out, r), A (r, in)) float64 numpy, Linear orientation; final training loss).
     """
+    from clair_ray.workloads import lora
+
     if isinstance(base, os.PathLike):
         base = str(base)
     return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_base)
@@ -473,4 +491,6 @@ def train_client(
 
 def evaluate(model: torch.nn.Module, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Target loss, exact-match copy accuracy and token accuracy of a model (with or without adapter)."""
+    from clair_ray.workloads import lora
+
     return lora.evaluate_lm(model, data)

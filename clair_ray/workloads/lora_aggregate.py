@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from clair_ray.aggregators import AggContext, get_aggregator
-from clair_ray.workloads.lora import Factors
 
 __all__ = [
     "DENSE_METHODS",
@@ -49,6 +48,9 @@ DENSE_METHODS = ("median", "trimmed_mean", "multi_krum", "geometric_median", "or
 #: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
 AUTO_DENSE_MAX_ENTRIES = 65_536
 Pair = tuple[np.ndarray, np.ndarray]
+#: Module name -> (B (out, r), A (r, in)): one client's adapter (= ``clair_ray.workloads.lora.Factors``;
+#: spelled out here so this module loads without peft).
+Factors = dict[str, Pair]
 #: (shared corrections per module, adapters of the honest clients, flagged clients, reasons).
 MethodResult = tuple[dict[str, np.ndarray], dict[int, Factors], list[int], dict[int, str]]
 

@@ -52,7 +52,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,9 +60,13 @@ import torch
 from clair_ray import attacks
 from clair_ray.config import ExperimentConfig
 from clair_ray.engine import seeds
-from clair_ray.workloads import lora
-from clair_ray.workloads.grouped_lora import grouped_evaluate
 from clair_ray.workloads.lora_aggregate import ModuleUpdates, combine_evidence, run_clair, run_method
+
+if TYPE_CHECKING:
+    from clair_ray.workloads import lora
+
+# peft and transformers (lora.py, grouped_lora.py) are imported where a model is built, trained or
+# evaluated: the driver and the aggregator actor of a LoRA task never need them.
 
 __all__ = [
     "LoRAEngineWorkload",
@@ -160,9 +164,6 @@ class LoRAEngineWorkload:
         Args:
             cfg: The validated experiment config.
         """
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in a run's output
         self.cfg = cfg
         self.lw = cfg.workload.lora
         self.K = cfg.workload.num_clients
@@ -204,10 +205,19 @@ class LoRAEngineWorkload:
         del progress
         return None
 
+    @staticmethod
+    def _quiet_transformers() -> None:
+        """One "Loading weights" progress bar per actor is noise in a run's output."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     # ---- shared -------------------------------------------------------------------------------------
     @property
     def spec(self) -> lora.LoraSpec:
         """The LoRA knobs (targets resolved)."""
+        from clair_ray.workloads import lora
+
         if self._spec is None:
             targets = list(self.lw.targets) or self.default_targets()
             self._spec = lora.LoraSpec(
@@ -244,6 +254,7 @@ class LoRAEngineWorkload:
             from clair_ray.workloads.grouped_lora import GroupedLoRAModel
 
             device, dtype = self._device()
+            self._quiet_transformers()
             model = self.load_base_model().to(device=device, dtype=dtype)
             spec = self.spec
             self._grouped = GroupedLoRAModel(model, spec.target_modules, spec.r, spec.alpha)
@@ -334,7 +345,10 @@ class LoRAEngineWorkload:
         Returns:
             (module -> (B (out, r), A (r, in)) float64, the last step's training loss).
         """
+        from clair_ray.workloads import lora
+
         if self._peft is None:
+            self._quiet_transformers()
             self._peft = lora.wrap_lora(self.load_base_model(), self.spec)
         model = self._peft
         lora.reset_lora(model)
@@ -434,12 +448,17 @@ class LoRAEngineWorkload:
 
     # ---- evaluation ---------------------------------------------------------------------------------
     def _evaluator(self) -> Any:
+        from clair_ray.workloads import lora
+
         if self._eval_model is None:
+            self._quiet_transformers()
             self._eval_model = lora.wrap_lora(self.load_base_model(), self.spec)
         return self._eval_model
 
     def evaluate_model(self, model: torch.nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out ``loss`` and ``exact_match`` of a model (override for other metrics)."""
+        from clair_ray.workloads import lora
+
         return lora.evaluate_lm(model, data)
 
     def evaluate_global(
@@ -455,6 +474,8 @@ class LoRAEngineWorkload:
         Returns:
             The mean over clients of each client's mean held-out token loss.
         """
+        from clair_ray.workloads import lora
+
         model = self._evaluator()
         lora.load_factors(model, factors)
         ids = range(self.K) if clients is None else clients
@@ -502,6 +523,8 @@ class LoRAEngineWorkload:
         Grouped (:meth:`_evaluate_grouped`: ``EVAL_GROUP`` clients per forward) unless a subclass
         overrides :meth:`evaluate_model`, in which case each client is evaluated through it with peft.
         """
+        from clair_ray.workloads import lora
+
         if type(self).evaluate_model is LoRAEngineWorkload.evaluate_model:
             return self._evaluate_grouped(trial, clients, corr, adapters)
         loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
@@ -515,6 +538,8 @@ class LoRAEngineWorkload:
 
     def _eval_grouped_model(self) -> Any:
         """The resident grouped model (the one clients train on) and a pristine copy of its base weights."""
+        from clair_ray.workloads import lora
+
         if self._eval_grouped is None:
             gm = self._resident()
             originals = {n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()}
@@ -531,6 +556,9 @@ class LoRAEngineWorkload:
         afterwards, so nothing accumulates between methods); each client's adapter, zero-padded to the
         LoRA rank, is one group (:func:`~clair_ray.workloads.grouped_lora.grouped_evaluate`).
         """
+        from clair_ray.workloads import lora
+        from clair_ray.workloads.grouped_lora import grouped_evaluate
+
         loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
         if not clients:
             return loss, em
