@@ -85,6 +85,15 @@ def test_one_round_is_its_own_steady_round(scale: ModuleType) -> None:
         scale.summarize_rounds(pd.DataFrame())
 
 
+def test_cpu_per_round_differences(scale: ModuleType) -> None:
+    snaps = [{"driver": 1.0}, {"driver": 2.0, "client actors": 5.0}, {"driver": 2.5, "client actors": 9.0}]
+    assert scale.cpu_per_round(snaps) == [
+        {"driver": 1.0, "client actors": 5.0},
+        {"driver": 0.5, "client actors": 4.0},
+    ]
+    assert scale.cpu_per_round(snaps[:1]) == []
+
+
 def test_between_rounds_subtracts_each_round(scale: ModuleType) -> None:
     assert scale.between_rounds([10.0, 15.0, 21.0], [9.0, 4.0, 5.0]) == pytest.approx([1.0, 1.0])
     assert scale.between_rounds([3.0], [3.0]) == []
@@ -98,6 +107,12 @@ def test_growth_check_and_table(scale: ModuleType) -> None:
             "K": K,
             "rounds_table": _rounds(K).to_dict(orient="records"),
             "round_ends": [10.0, 14.5, 21.0],
+            "round_cpu": [
+                {"driver": 1.0},
+                {"driver": 3.0, "client actors": 20.0},
+                {"driver": 3.5, "client actors": 20.0 + 0.3 * K},
+                {"driver": 4.5, "client actors": 20.0 + 0.6 * K},
+            ],
             "run_wall_s": 30.0,
             "memory": _memory(2**30),
             "bytes_per_client": 1024.0,
@@ -105,11 +120,13 @@ def test_growth_check_and_table(scale: ModuleType) -> None:
         }
         s = scale.summarize_setting(raw)
         assert s["between_rounds_s"] == pytest.approx(0.5)  # 14.5 - 10 - 4 and 21 - 14.5 - 6
+        assert s["cpu_s"]["driver"] == pytest.approx(0.75)  # rounds 2 and 3: 0.5 and 1.0 s
+        assert s["client_cpu_ms_per_client"] == pytest.approx(300.0)  # 0.3 K CPU seconds per round
         s["orchestration_pct"] = 100 * orch / s["round_s"]
         settings.append(s)
     lines = scale.growth_check(settings)
     text = "\n".join(lines)
-    assert "x1.00 vs K = 100" in text and "K x10" in text
+    assert "x1.00 vs K = 100" in text and "K x10" in text and "client CPU per client x1.00" in text
     assert "PASS" in text  # 0.3 s of a 5 s round: 6 %
     settings[1]["orchestration_pct"] = 25.0
     assert "FAIL" in "\n".join(scale.growth_check(settings))
@@ -128,3 +145,7 @@ def test_proc_memory_reader_on_this_process(scale: ModuleType) -> None:
     m = sampler.summary()
     assert m["processes"] >= 1 and m["sum_peak_rss"] >= m["max_process_peak_rss"] > 0
     assert m["by_role"]["driver"] > 0 and m["peak_anon_total"] > 0
+    assert m["anon_by_role"]["driver"] > 0
+    cpu = scale.read_cpu_seconds(os.getpid())
+    assert cpu is not None and cpu > 0
+    assert sampler.cpu_by_role()["driver"] >= cpu

@@ -345,7 +345,8 @@ class Oracle:
             raise ValueError("ctx.true_subspace must be finite")
 
         mask = finite_mask(updates)  # (K,)
-        reasons: dict[int, str] = {i: "oracle" for i in range(k) if i not in set(honest)}
+        honest_set = set(honest)
+        reasons: dict[int, str] = {i: "oracle" for i in range(k) if i not in honest_set}
         for i in non_finite_clients(mask):
             reasons.setdefault(i, NON_FINITE)  # a non-honest client stays "oracle"
         use = [i for i in honest if bool(mask[i])]

@@ -88,10 +88,18 @@ class FactoredRefinement:
     def __len__(self) -> int:
         return len(self.factors)
 
+    def _honest_set(self) -> frozenset[int]:
+        # Cached: adapter(k) is called once per client, and a set per call is quadratic in K.
+        cached = self.__dict__.get("_honest_cache")
+        if cached is None or cached[0] is not self.honest:
+            cached = (self.honest, frozenset(self.honest))
+            self.__dict__["_honest_cache"] = cached
+        return cached[1]
+
     def adapter(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client k's adapter pair (B, A): projected for honest clients, the input for flagged ones."""
         b, a = self.factors[k]
-        if k not in set(self.honest):
+        if k not in self._honest_set():
             return b, a
         return _project_left(self.col_basis, b), _project_right(a, self.row_basis)  # (p, r'), (r', q)
 
@@ -120,6 +128,6 @@ class FactoredRefinement:
         """Client k's whole refined update as a dense matrix (small problems and tests only)."""
         b, a = self.adapter(k)
         out = b @ a
-        if k in set(self.honest):
+        if k in self._honest_set():
             out = out + (self.correction() if correction is None else correction)
         return out

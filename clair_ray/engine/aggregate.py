@@ -144,7 +144,8 @@ def aggregate_round(
     Returns:
         Per method: per-client arrays (``flagged, reason, error, test_mse, update_norm, off_subspace,
         detectable, valid``) and ``subspace_error`` and ``agg_s``; and per method the (K, p, q) models
-        clients continue from (a client without a valid result keeps its previous model).
+        clients continue from (a client without a valid result keeps its previous model; none after the
+        last round).
     """
     prob = workload.problem(trial)
     K = cfg.workload.num_clients
@@ -153,6 +154,7 @@ def aggregate_round(
     n = torch.as_tensor(prob.n, dtype=torch.float64)
     metas: dict[str, dict[str, Any]] = {}
     nexts: dict[str, np.ndarray] = {}
+    last = cfg.workload.mode == "one_shot" or round_ + 1 >= cfg.workload.rounds
     for group in groups:
         raw = torch.from_numpy(np.asarray(group.updates, dtype=np.float64))  # (K, p, q)
         reported = np.ones(K, dtype=bool)
@@ -198,11 +200,14 @@ def aggregate_round(
                     reason[active[j]] = str(out.reasons.get(j, method))
                 subspace = out.subspace
             metrics = workload.errors(trial, result)
-            start = (
-                prev[method] if prev is not None else np.broadcast_to(workload.initial_model(), sent.shape)
-            )
-            nxt = np.where(valid[:, None, None], result.numpy(), start)  # (K, p, q)
-            nexts[method] = np.ascontiguousarray(nxt)
+            if not last:  # the last round's models go nowhere: don't build K x p x q of them
+                start = (
+                    prev[method]
+                    if prev is not None
+                    else np.broadcast_to(workload.initial_model(), sent.shape)
+                )
+                nxt = np.where(valid[:, None, None], result.numpy(), start)  # (K, p, q)
+                nexts[method] = np.ascontiguousarray(nxt)
             metas[method] = {
                 "flagged": flagged,
                 "reason": reason,
@@ -217,6 +222,13 @@ def aggregate_round(
                 "agg_s": agg_s,
             }
     return metas, nexts
+
+
+def _stamp(metas: dict[str, dict[str, Any]], seconds: float) -> None:
+    """Records the aggregator's whole compute time of the round (methods, attacks, truth metrics) in
+    every method's meta as ``aggregator_s``: the runner's timing split counts it as aggregation."""
+    for m in metas.values():
+        m["aggregator_s"] = seconds
 
 
 @ray.remote
@@ -268,7 +280,10 @@ class AggregatorActor:
                 batches = [(ids, arr) for (ids, _), arr in zip(g["batches"], arrays, strict=True)]
                 fetched.append({**g, "batches": batches})
             prev = ray.get(prev_box[0], timeout=timeout_s) if prev_box else None
-            return own(trial, round_, fetched, noise, prev, evaluate=False)
+            t0 = time.perf_counter()
+            out = own(trial, round_, fetched, noise, prev, evaluate=False)
+            _stamp(out[0], time.perf_counter() - t0)
+            return out
         K, p, q = self.cfg.workload.num_clients, self.cfg.workload.p, self.cfg.workload.q
         plain: list[Group] = []
         for g in groups:
@@ -278,5 +293,7 @@ class AggregatorActor:
                 updates[ids] = arr
             plain.append(Group(methods=list(g["methods"]), updates=updates, dropped=list(g["dropped"])))
         prev = ray.get(prev_box[0], timeout=timeout_s) if prev_box else None
+        t0 = time.perf_counter()
         metas, nexts = aggregate_round(self.cfg, self.workload, trial, round_, plain, noise, prev)
+        _stamp(metas, time.perf_counter() - t0)
         return metas, nexts, None

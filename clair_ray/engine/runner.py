@@ -58,9 +58,11 @@ class RunResult:
         rounds: Per (trial, round) timings in seconds (also ``rounds.parquet``): ``round_s`` (wall, from
             handing out the first batch to the aggregator's answer), ``train_wall_s`` (until the last
             client batch answered), ``client_compute_s`` (the busiest client actor's time inside its
-            training calls: the critical path of client compute), ``agg_s`` (methods, in the aggregator),
-            ``eval_s`` (held-out evaluation, in the aggregator) and ``orchestration_s`` = round_s -
-            client_compute_s - agg_s - eval_s (scheduling, object transfers, waiting, driver work).
+            training calls: the critical path of client compute), ``agg_s`` (the aggregator's compute:
+            attacks, methods, truth metrics), ``eval_s`` (held-out evaluation: in the aggregator for the
+            linear workload, the whole evaluation phase on the client actors for LoRA workloads) and
+            ``orchestration_s`` = round_s - client_compute_s - agg_s - eval_s (scheduling, object
+            transfers, waiting, driver work).
     """
 
     out_dir: Path
@@ -322,8 +324,15 @@ class Runner:
             for m in train_meta[g].values():
                 busy[m["actor_id"]] = busy.get(m["actor_id"], 0.0) + float(m["train_s"])
         client_s = max(busy.values(), default=0.0)
-        agg_s = sum(float(agg_meta[m]["agg_s"]) for m in methods)
-        eval_s = sum(float(agg_meta[m].get("eval_s", 0.0)) for m in methods) + eval_wall
+        eval_s = sum(float(agg_meta[m].get("eval_s", 0.0)) for m in methods)  # inside the aggregator
+        # The aggregator's whole compute (attacks, truth metrics, methods) counts as aggregation.
+        total = agg_meta[methods[0]].get("aggregator_s")
+        agg_s = (
+            (float(total) - eval_s)
+            if total is not None
+            else sum(float(agg_meta[m]["agg_s"]) for m in methods)
+        )
+        eval_s += eval_wall
         self.timings.append(
             {
                 "trial": trial,

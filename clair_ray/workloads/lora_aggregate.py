@@ -236,7 +236,8 @@ def run_method(
         corr, votes = {}, np.zeros(len(active))
         for n in names:
             out = agg.aggregate(ups.dense(n)[active], ctx)
-            keep = [j for j in range(len(active)) if j not in set(out.flagged)]
+            out_flagged = set(out.flagged)
+            keep = [j for j in range(len(active)) if j not in out_flagged]
             corr[n] = out.per_client[keep[0]].double().numpy()  # global: the same for every kept client
             votes[out.flagged] += 1
         # A client counts as flagged when most modules excluded it (multi-Krum selects per module).
@@ -269,7 +270,8 @@ def _clair(
     flag_local, _, reasons = combine_evidence(runs)
     fl = [active[j] for j in np.flatnonzero(flag_local)]
     why = {active[j]: reasons[j] for j in np.flatnonzero(flag_local)}
-    keep = [k for k in active if k not in set(fl)]
+    fl_set = set(fl)
+    keep = [k for k in active if k not in fl_set]
     bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
     for n in ups.names:
         res = runs[n]
@@ -293,7 +295,8 @@ def _oracle(ups: ModuleUpdates, active: list[int], honest: list[int], rank: int,
         u = np.linalg.svd(np.concatenate(list(centred), axis=1), full_matrices=False)[0][:, :rank]
         v = np.linalg.svd(np.concatenate([c.T for c in centred], axis=1), full_matrices=False)[0][:, :rank]
         bases[n] = (u if side != "row" else None, v if side != "column" else None)
-    fl = [k for k in active if k not in set(honest)]
+    honest_set = set(honest)
+    fl = [k for k in active if k not in honest_set]
     corr, adapters = project(ups, honest, honest, bases)
     return corr, adapters, fl, {}
 

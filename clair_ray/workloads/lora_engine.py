@@ -645,7 +645,8 @@ class LoRAEngineWorkload:
         t0 = time.perf_counter()
         out: dict[str, Any] = {}
         for method, p in plan.items():
-            mine = [k for k in clients if k in set(p["clients"])]
+            theirs = set(p["clients"])
+            mine = [k for k in clients if k in theirs]
             if not mine:
                 continue
             adapters = dict.fromkeys(mine, p["shared"]) if p["shared"] is not None else p["adapters"]
