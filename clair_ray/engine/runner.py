@@ -207,13 +207,7 @@ class Runner:
         t0, last_note, done = time.perf_counter(), time.perf_counter(), 0
         total = K * len(groups)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
-            if not ready:
-                raise EngineError(
-                    f"trial {trial} round {round_}: no client batch finished within engine.call_timeout_s="
-                    f"{self.timeout}s ({len(pending)} batches pending)"
-                )
-            b = pending.pop(ready[0])
+            b = pending.pop(self._next_ready(pending, f"trial {trial} round {round_}: no client batch"))
             try:
                 metas[id(b)] = ray.get(b.meta_ref, timeout=self.timeout)
             except RayActorError as exc:
@@ -391,6 +385,15 @@ class Runner:
         )
         return next_ref
 
+    def _next_ready(self, pending: dict[Any, Any], what: str) -> Any:
+        """The first of ``pending``'s refs to finish; EngineError after ``engine.call_timeout_s``."""
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
+        if not ready:
+            raise EngineError(
+                f"{what} finished within engine.call_timeout_s={self.timeout}s ({len(pending)} pending)"
+            )
+        return ready[0]
+
     @staticmethod
     def _plan_pending(agg_meta: dict[str, dict[str, Any]]) -> bool:
         return any("eval_clients" in m for m in agg_meta.values())
@@ -411,15 +414,10 @@ class Runner:
             for i, b in enumerate(batches)
         }
         while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.timeout)
-            if not ready:
-                raise EngineError(
-                    f"trial {trial} round {round_}: evaluation did not finish within "
-                    f"engine.call_timeout_s={self.timeout}s"
-                )
-            i = refs.pop(ready[0])
+            ref = self._next_ready(refs, f"trial {trial} round {round_}: no evaluation batch")
+            i = refs.pop(ref)
             try:
-                out = ray.get(ready[0], timeout=self.timeout)
+                out = ray.get(ref, timeout=self.timeout)
             except RayActorError as exc:
                 tries[i] += 1
                 if tries[i] > self.cfg.engine.max_restarts:
