@@ -43,6 +43,7 @@ CLIENT_SCHEMA = pa.schema(
         ("test_mse", pa.float64()),  # held-out MSE per output (exact for the linear workload)
         ("test_loss", pa.float64()),  # LM workloads: held-out target loss (NaN for the linear workload)
         ("exact_match", pa.float64()),  # LM workloads: held-out exact-match accuracy (NaN for linear)
+        ("token_accuracy", pa.float64()),  # LM workloads: held-out next-token accuracy (NaN for linear)
         ("update_norm", pa.float64()),  # ‖update the server received‖_F
         ("off_subspace", pa.float64()),  # ‖P_U⊥(update − W_0)‖_F
         ("noise_level", pa.float64()),  # the client's noise level outside U
@@ -65,6 +66,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("honest_mean_test_mse", pa.float64()),
         ("honest_mean_test_loss", pa.float64()),  # LM workloads (NaN for the linear workload)
         ("honest_mean_exact_match", pa.float64()),  # LM workloads (NaN for the linear workload)
+        ("honest_mean_token_accuracy", pa.float64()),  # LM workloads (NaN for the linear workload)
         ("subspace_error", pa.float64()),  # ‖ÛÛᵀ − UUᵀ‖_F, NaN if the method has no subspace
         ("n_flagged", pa.int32()),
         ("n_detectable", pa.int32()),
@@ -165,6 +167,7 @@ def summarize(
                 "honest_mean_test_mse": float(honest["test_mse"].mean()) if len(honest) else math.nan,
                 "honest_mean_test_loss": _mean(honest, "test_loss"),
                 "honest_mean_exact_match": _mean(honest, "exact_match"),
+                "honest_mean_token_accuracy": _mean(honest, "token_accuracy"),
                 "subspace_error": ex.get("subspace_error", math.nan),
                 "n_flagged": int(flagged.sum()),
                 "n_detectable": int(truth.sum()),
@@ -227,6 +230,7 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
         "honest_mean_test_mse",
         "honest_mean_test_loss",
         "honest_mean_exact_match",
+        "honest_mean_token_accuracy",
         "subspace_error",
         "precision",
         "recall",
@@ -251,6 +255,7 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
         "honest_mean_test_mse",
         "honest_mean_test_loss",
         "honest_mean_exact_match",
+        "honest_mean_token_accuracy",
         "subspace_error",
     }
     for m in metrics:

@@ -368,6 +368,9 @@ class Runner:
                         # LM workloads only (NaN for the linear workload).
                         "test_loss": float(am["test_loss"][k]) if "test_loss" in am else float("nan"),
                         "exact_match": float(am["exact_match"][k]) if "exact_match" in am else float("nan"),
+                        "token_accuracy": (
+                            float(am["token_accuracy"][k]) if "token_accuracy" in am else float("nan")
+                        ),
                         "update_norm": float(am["update_norm"][k]),
                         "off_subspace": float(am["off_subspace"][k]),
                         "noise_level": float(noise["noise_level"][k]),
@@ -432,10 +435,11 @@ class Runner:
                 if method.startswith("_"):
                     continue
                 m = agg_meta[method]
-                m["test_loss"] = np.array(m["test_loss"], dtype=float, copy=True)
-                m["exact_match"] = np.array(m["exact_match"], dtype=float, copy=True)
-                m["test_loss"][r["clients"]] = r["loss"]
-                m["exact_match"][r["clients"]] = r["exact_match"]
+                for name, values in r.items():
+                    if name == "clients":
+                        continue
+                    m[name] = np.array(m[name], dtype=float, copy=True)
+                    m[name][r["clients"]] = values
 
     def _aggregate(self, trial: int, round_: int, payload: list, noise: dict, box: list) -> tuple:
         for attempt in range(self.cfg.engine.max_restarts + 1):

@@ -552,7 +552,8 @@ def grouped_evaluate(
         rows: Sequences per client per forward (memory: G · rows · T · V logits).
 
     Returns:
-        Per client ``{"loss": mean over labelled tokens, "exact_match": fraction of sequences}``.
+        Per client ``{"loss": mean over labelled tokens, "exact_match": fraction of sequences,
+        "token_accuracy": fraction of labelled tokens predicted right}``.
     """
     g = gm.n_clients
     if len(data) != g:
@@ -561,6 +562,7 @@ def grouped_evaluate(
     gm.model.eval()
     n_max = max(len(d["input_ids"]) for d in data)
     tot, tok, exact = torch.zeros(g, dtype=torch.float64), torch.zeros(g), torch.zeros(g)
+    correct = torch.zeros(g)
     for s0 in range(0, n_max, rows):
         width = min(rows, n_max - s0)
         ids, labels, masks = [], [], []
@@ -590,11 +592,13 @@ def grouped_evaluate(
         tot += (ce * valid).sum(dim=(1, 2)).double().cpu()
         tok += valid.sum(dim=(1, 2)).float().cpu()
         exact += ((right | ~valid).all(dim=2) & valid.any(dim=2)).sum(dim=1).float().cpu()
+        correct += right.sum(dim=(1, 2)).float().cpu()
     gm.model.train(was_training)
     return [
         {
             "loss": float(tot[j]) / max(float(tok[j]), 1.0),
             "exact_match": float(exact[j]) / max(len(data[j]["input_ids"]), 1),
+            "token_accuracy": float(correct[j]) / max(float(tok[j]), 1.0),
         }
         for j in range(g)
     ]

@@ -81,6 +81,12 @@ StackedFactors = dict[str, tuple[np.ndarray, np.ndarray]]
 #: Evaluation: clients per grouped forward, and held-out sequences per client per forward.
 EVAL_GROUP = 16
 EVAL_ROWS = 64
+#: Held-out metrics recorded per client: result column -> key of ``lora.evaluate_lm``'s answer.
+EVAL_METRICS = {"test_loss": "loss", "exact_match": "exact_match", "token_accuracy": "token_accuracy"}
+
+
+def _nan_metrics(K: int) -> dict[str, np.ndarray]:
+    return {name: np.full(K, np.nan) for name in EVAL_METRICS}
 
 
 @dataclass
@@ -517,8 +523,8 @@ class LoRAEngineWorkload:
 
     def _evaluate_all(
         self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, lora.Factors]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(K,) held-out loss and exact match of each client: the shared corrected base + its adapter.
+    ) -> dict[str, np.ndarray]:
+        """(K,) held-out metrics of each client (``EVAL_METRICS``): the shared corrected base + its adapter.
 
         Grouped (:meth:`_evaluate_grouped`: ``EVAL_GROUP`` clients per forward) unless a subclass
         overrides :meth:`evaluate_model`, in which case each client is evaluated through it with peft.
@@ -527,14 +533,15 @@ class LoRAEngineWorkload:
 
         if type(self).evaluate_model is LoRAEngineWorkload.evaluate_model:
             return self._evaluate_grouped(trial, clients, corr, adapters)
-        loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
+        out = _nan_metrics(self.K)
         model = self._evaluator()
         shared = lora.fold_corrections(model, corr) if corr else model
         for k in clients:
             lora.load_factors(shared, adapters[k])
             r = self.evaluate_model(shared, self.test_data(trial, k))
-            loss[k], em[k] = r["loss"], r["exact_match"]
-        return loss, em
+            for name, key in EVAL_METRICS.items():
+                out[name][k] = r.get(key, np.nan)
+        return out
 
     def _eval_grouped_model(self) -> Any:
         """The resident grouped model (the one clients train on) and a pristine copy of its base weights."""
@@ -549,8 +556,8 @@ class LoRAEngineWorkload:
     @torch.no_grad()
     def _evaluate_grouped(
         self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, lora.Factors]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`lora.evaluate_lm`'s loss and exact match for many clients per forward.
+    ) -> dict[str, np.ndarray]:
+        """:func:`lora.evaluate_lm`'s metrics for many clients per forward.
 
         The shared correction is added to the resident base weights (restored from a pristine copy
         afterwards, so nothing accumulates between methods); each client's adapter, zero-padded to the
@@ -559,9 +566,9 @@ class LoRAEngineWorkload:
         from clair_ray.workloads import lora
         from clair_ray.workloads.grouped_lora import grouped_evaluate
 
-        loss, em = np.full(self.K, np.nan), np.full(self.K, np.nan)
+        res = _nan_metrics(self.K)
         if not clients:
-            return loss, em
+            return res
         gm, originals = self._eval_grouped_model()
         r = self.spec.r
         try:
@@ -584,11 +591,12 @@ class LoRAEngineWorkload:
                 gm.load_clients(states)
                 out = grouped_evaluate(gm, [self.test_data(trial, k) for k in chunk], rows=EVAL_ROWS)
                 for j, k in enumerate(chunk):
-                    loss[k], em[k] = out[j]["loss"], out[j]["exact_match"]
+                    for name, key in EVAL_METRICS.items():
+                        res[name][k] = out[j][key]
         finally:
             for n, layer in gm.layers.items():
                 lora.linear_weight(layer.base).copy_(originals[n])
-        return loss, em
+        return res
 
     def aggregate_round(
         self,
@@ -640,7 +648,8 @@ class LoRAEngineWorkload:
             clients: The clients this call evaluates (each method evaluates those in its own list).
 
         Returns:
-            Method -> ``{"clients": [...], "loss": [...], "exact_match": [...]}``.
+            Method -> ``{"clients": [...]}`` plus one list per ``EVAL_METRICS`` column (``test_loss``,
+            ``exact_match``, ``token_accuracy``).
         """
         t0 = time.perf_counter()
         out: dict[str, Any] = {}
@@ -650,8 +659,8 @@ class LoRAEngineWorkload:
             if not mine:
                 continue
             adapters = dict.fromkeys(mine, p["shared"]) if p["shared"] is not None else p["adapters"]
-            loss, em = self._evaluate_all(trial, mine, p["corr"], adapters)
-            out[method] = {"clients": mine, "loss": loss[mine].tolist(), "exact_match": em[mine].tolist()}
+            got = self._evaluate_all(trial, mine, p["corr"], adapters)
+            out[method] = {"clients": mine, **{name: got[name][mine].tolist() for name in EVAL_METRICS}}
         out["_eval_s"] = time.perf_counter() - t0
         return out
 
@@ -690,9 +699,9 @@ class LoRAEngineWorkload:
             due = round_ + 1 == self.rounds or (every > 0 and (round_ + 1) % every == 0)
             t1 = time.perf_counter()
             honest = [k for k in active if k not in prob.attack]
-            loss, em = np.full(K, np.nan), np.full(K, np.nan)
+            metrics = _nan_metrics(K)
             if due and evaluate:
-                loss, em = self._evaluate_all(trial, honest, {}, dict.fromkeys(honest, glob))
+                metrics = self._evaluate_all(trial, honest, {}, dict.fromkeys(honest, glob))
             eval_s = time.perf_counter() - t1
             if due and not evaluate:
                 for method in group["methods"]:
@@ -707,8 +716,7 @@ class LoRAEngineWorkload:
                     "flagged": flagged,
                     "reason": reason,
                     "detectable": np.zeros(K, dtype=bool),
-                    "test_loss": loss,
-                    "exact_match": em,
+                    **metrics,
                     "agg_s": agg_s,
                     "eval_s": eval_s,
                 }
@@ -777,17 +785,16 @@ class LoRAEngineWorkload:
             agg_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             if evaluate:
-                loss, em = self._evaluate_all(trial, honest_eval, corr, adapters)
+                metrics = self._evaluate_all(trial, honest_eval, corr, adapters)
             else:
-                loss, em = np.full(K, np.nan), np.full(K, np.nan)
+                metrics = _nan_metrics(K)
                 plan[method] = {"corr": corr, "shared": None, "adapters": adapters, "clients": honest_eval}
             metas[method] = {
                 **self._base_meta(valid, reported, norms),
                 "flagged": flagged,
                 "reason": reason,
                 "detectable": detectable,
-                "test_loss": loss,
-                "exact_match": em,
+                **metrics,
                 "agg_s": agg_s,
                 "eval_s": time.perf_counter() - t1,
             }

@@ -261,8 +261,8 @@ def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: P
     old_group, old_rows = le.EVAL_GROUP, le.EVAL_ROWS
     le.EVAL_GROUP, le.EVAL_ROWS = 2, 7  # several chunks of clients and of rows
     try:
-        loss, em = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], corr, adapters)
-        again, _ = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], {}, adapters)  # the base is restored
+        got = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], corr, adapters)
+        again = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], {}, adapters)["test_loss"]  # the base is restored
     finally:
         le.EVAL_GROUP, le.EVAL_ROWS = old_group, old_rows
     shared = lora.fold_corrections(wl._evaluator(), corr)
@@ -270,8 +270,9 @@ def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: P
     for k in range(5):
         lora.load_factors(shared, adapters[k])
         ref = lora.evaluate_lm(shared, wl.test_data(0, k))
-        np.testing.assert_allclose(loss[k], ref["loss"], rtol=1e-5)
-        assert em[k] == ref["exact_match"]
+        np.testing.assert_allclose(got["test_loss"][k], ref["loss"], rtol=1e-5)
+        assert got["exact_match"][k] == ref["exact_match"]
+        np.testing.assert_allclose(got["token_accuracy"][k], ref["token_accuracy"], rtol=1e-12)
         lora.load_factors(plain, adapters[k])
         np.testing.assert_allclose(again[k], lora.evaluate_lm(plain, wl.test_data(0, k))["loss"], rtol=1e-5)
 
@@ -324,5 +325,5 @@ def test_evaluation_plan_on_clients_equals_evaluating_in_place(tmp_path: Path, c
         got = np.full(K, np.nan)
         for part in parts:
             if method in part:
-                got[part[method]["clients"]] = part[method]["loss"]
+                got[part[method]["clients"]] = part[method]["test_loss"]
         np.testing.assert_allclose(got, m["test_loss"], rtol=1e-6, equal_nan=True)

@@ -377,9 +377,11 @@ def test_grouped_evaluation_equals_peft_on_padded_text(tmp_path: Path, files: di
     jobs = [(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in ks]
     _, pl = wl.train_batch(0, 0, jobs, actor_id=0, fail=[])
     adapters = {k: {n: (b[i], a[i]) for n, (b, a) in pl["final"].items()} for i, k in enumerate(ks)}
-    loss, em = wl._evaluate_all(0, ks, {}, adapters)
+    got = wl._evaluate_all(0, ks, {}, adapters)
+    loss, em, tacc = got["test_loss"], got["exact_match"], got["token_accuracy"]
     model = lora.wrap_lora(wl.load_base_model(), wl.spec)
     for k in ks:
         lora.load_factors(model, adapters[k])
         ref = lora.evaluate_lm(model, wl.test_data(0, k))
         assert np.isclose(loss[k], ref["loss"], rtol=1e-5) and em[k] == ref["exact_match"], k
+        assert np.isclose(tacc[k], ref["token_accuracy"], rtol=1e-12), k
