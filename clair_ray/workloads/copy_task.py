@@ -484,8 +484,6 @@ def train_client(
     """
     from clair_ray.workloads import lora
 
-    if isinstance(base, os.PathLike):
-        base = str(base)
     return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_base)
 
 

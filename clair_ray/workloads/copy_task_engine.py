@@ -25,12 +25,9 @@ import torch
 
 from clair_ray.config import ExperimentConfig
 from clair_ray.workloads import copy_task as ct
-from clair_ray.workloads.lora_engine import LoRAEngineWorkload, LoRAProblem
+from clair_ray.workloads.lora_engine import LoRAEngineWorkload
 
-__all__ = ["CopyProblem", "CopyTaskWorkload"]
-
-#: Kept for readers of older code: the copy task's problem is the generic LoRA problem.
-CopyProblem = LoRAProblem
+__all__ = ["CopyTaskWorkload"]
 
 
 class CopyTaskWorkload(LoRAEngineWorkload):

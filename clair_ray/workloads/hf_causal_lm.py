@@ -301,8 +301,6 @@ def train_client(
     ``base`` may be a model directory / hub id (loaded with :func:`load_model`), a plain model (copied)
     or a resident peft model (reset and reused).
     """
-    if isinstance(base, os.PathLike):
-        base = str(base)
     return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_model)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -448,7 +449,7 @@ def evaluate_lm(model: torch.nn.Module, data: Mapping[str, torch.Tensor], batch_
     }
 
 
-def client_model(base: str | torch.nn.Module, spec: LoraSpec, loader: Any = None) -> PeftModel:
+def client_model(base: str | os.PathLike | torch.nn.Module, spec: LoraSpec, loader: Any = None) -> PeftModel:
     """A LoRA-wrapped model for a client: reset in place if ``base`` is already one, else a fresh wrap.
 
     Args:
@@ -485,7 +486,7 @@ def stack_pairs(factors: Sequence[Factors], name: str) -> list[tuple[np.ndarray,
 
 
 def train_client(
-    base: str | torch.nn.Module,
+    base: str | os.PathLike | torch.nn.Module,
     spec: LoraSpec,
     data: Mapping[str, torch.Tensor],
     steps: int,

@@ -60,7 +60,7 @@ import torch
 from clair_ray import attacks
 from clair_ray.config import ExperimentConfig
 from clair_ray.engine import seeds
-from clair_ray.workloads.lora_aggregate import ModuleUpdates, combine_evidence, run_clair, run_method
+from clair_ray.workloads.lora_aggregate import ModuleUpdates, run_method
 
 if TYPE_CHECKING:
     from clair_ray.workloads import lora
@@ -71,9 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LoRAEngineWorkload",
     "LoRAProblem",
-    "combine_evidence",  # re-exported from lora_aggregate
     "fedavg_factors",
-    "run_clair",  # re-exported from lora_aggregate
 ]
 
 #: Module name -> (B (n, out, r), A (n, r, in)): a batch of clients' factors of one module.
@@ -180,8 +178,9 @@ class LoRAEngineWorkload:
         self._problems: dict[int, LoRAProblem] = {}
         self._grouped: Any = None  # client actors: the resident GroupedLoRAModel
         self._init_state: dict[str, torch.Tensor] | None = None
-        self._peft: Any = None  # the resident peft model (train_one)
-        self._eval_model: Any = None  # aggregator: the resident peft model for evaluation
+        # The resident peft model (train_one, evaluate_global, evaluation through evaluate_model): every
+        # use loads the adapter it needs, so one serves all.
+        self._peft: Any = None
         self._eval_grouped: Any = None  # aggregator: (grouped model, pristine base weights) for evaluation
 
     # ---- what a subclass defines ----------------------------------------------------------------------
@@ -353,10 +352,7 @@ class LoRAEngineWorkload:
         """
         from clair_ray.workloads import lora
 
-        if self._peft is None:
-            self._quiet_transformers()
-            self._peft = lora.wrap_lora(self.load_base_model(), self.spec)
-        model = self._peft
+        model = self._evaluator()
         lora.reset_lora(model)
         if start is not None:
             lora.load_factors(model, start)
@@ -454,12 +450,13 @@ class LoRAEngineWorkload:
 
     # ---- evaluation ---------------------------------------------------------------------------------
     def _evaluator(self) -> Any:
+        """The resident peft model (built on first use); callers load the adapter they need."""
         from clair_ray.workloads import lora
 
-        if self._eval_model is None:
+        if self._peft is None:
             self._quiet_transformers()
-            self._eval_model = lora.wrap_lora(self.load_base_model(), self.spec)
-        return self._eval_model
+            self._peft = lora.wrap_lora(self.load_base_model(), self.spec)
+        return self._peft
 
     def evaluate_model(self, model: torch.nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out ``loss`` and ``exact_match`` of a model (override for other metrics)."""
