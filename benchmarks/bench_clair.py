@@ -1,4 +1,4 @@
-"""CLAIR scale and solver benchmark (issue 2, "Benchmark"). Prints ratios measured in the same run.
+"""CLAIR scale and solver benchmark. Prints ratios measured in the same run.
 
 Usage (from the repository root, with the project's virtual environment):
 

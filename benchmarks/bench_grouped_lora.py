@@ -1,12 +1,13 @@
 """Client-updates/s: one-client-at-a-time peft training vs grouped LoRA training of G clients per batch.
 
-The copy-task-like job of RAY-NOTES.md ("Flower, measured side by side"): a tiny GPT-2 (2 layers, 64 wide,
-vocab 64, dropout 0), LoRA r=8 (alpha 16) on c_attn/c_proj/c_fc, sequences of 16 random tokens followed by
-their copy (32 tokens, loss on the copy only), batch 16, 10 local AdamW steps at lr 3e-3 per client update.
+The copy-task-like job that benchmarks/vs_flower.py runs in Flower and in clair_ray
+(configs/bench_vs_flower.yaml): a tiny GPT-2 (2 layers, 64 wide, vocab 64, dropout 0), LoRA r=8 (alpha 16)
+on c_attn/c_proj/c_fc, sequences of 16 random tokens followed by their copy (32 tokens, loss on the copy
+only), batch 16, 10 local AdamW steps at lr 3e-3 per client update.
 
 * ``peft``: one resident peft model; per client, load its adapter (``set_peft_model_state_dict``), a fresh
   AdamW, 10 steps, and read the adapter back as numpy (what a Ray client actor does per virtual client).
-* ``grouped G``: :class:`clair_ray.workloads.grouped_lora.GroupedLoRAModel`; per chunk of G clients,
+* ``grouped G``: :class:`clair_ray.workloads.lora.grouped.GroupedLoRAModel`; per chunk of G clients,
   ``load_clients``, ``train_steps`` (10 steps for all G at once), ``client_state_dict`` per client as numpy.
 
 Both train the same K clients on the same batches from the same initial adapter; the script checks that
@@ -33,7 +34,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from clair_ray.workloads.grouped_lora import GroupedLoRAModel
+from clair_ray.workloads.lora.grouped import GroupedLoRAModel
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 VOCAB, HALF = 64, 16

@@ -1,7 +1,7 @@
-"""Feasibility of CLAIR on the LoRA copy task (issue 4): one-shot, data-starved clients, 30% contaminated.
+"""Feasibility of CLAIR on the LoRA copy task: one-shot, data-starved clients, 30% contaminated.
 
 Not a test: a measurement. Each of K clients LoRA-fine-tunes the cached base on its own task variant
-(:mod:`clair_ray.workloads.copy_task`); contaminated clients train on corrupted targets. Then, per LoRA
+(:mod:`clair_ray.workloads.copy_task.task`); contaminated clients train on corrupted targets. Then, per LoRA
 module, the server combines the clients' updates, and every *truly honest* client is evaluated on its own
 held-out data (target loss and exact-match copy accuracy). Methods:
 
@@ -9,11 +9,12 @@ held-out data (target loss and exact-match copy accuracy). Methods:
 - ``local_early<steps>``: the client's own adapter after fewer steps (an early-stopped local baseline).
 - ``fedavg``: mean of all K updates B_k A_k (one dense delta for everyone).
 - ``fedavg_honest``: mean over the truly honest clients only (knows the contaminated set).
-- ``clair``: ``clair_ray.clair`` per module on the *dense* updates with ``offset=True`` (the factored
-  path rejects offset=True until a low-rank centre exists: DESIGN.md section 1, "Scale"; the modules here
-  are tiny, e.g. 192 × 64). A client's evidence is its per-module scores over each module's threshold,
-  averaged over modules; it is flagged above 1. Refinement ("both" sides, the issue's best finding):
-  mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V with U from the column run and V from the row run.
+- ``clair``: ``clair_ray.clair`` per module on the *dense* updates with ``offset=True`` (a free common
+  offset; when this study was written the factored path had no low-rank centre for offset=True yet; the
+  modules here are tiny, e.g. 192 × 64). A client's evidence is its per-module scores over each module's
+  threshold, averaged over modules; it is flagged above 1. Refinement (projected on both sides, which
+  beat the column side alone in this study): mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V with U from the column run
+  and V from the row run.
 - ``clair_col``: the same with the column projection only (mean_Ĉ + P_U (Δ_k − mean_Ĉ)).
 - ``oracle``: the honest set known; U, V from the centred honest updates (rank-r SVD); same refinement.
 - ``cluster_avg``: mean over the client's own cluster's honest clients (knows the clusters): a reference.
@@ -47,8 +48,8 @@ import torch
 
 import clair_ray
 from clair_ray import attacks
-from clair_ray.workloads import copy_task as ct
-from clair_ray.workloads import lora
+from clair_ray.workloads.copy_task import task as ct
+from clair_ray.workloads.lora import adapters as lora
 
 KINDS = ("random", "reversed", "shifted", "flip")  # data contamination, assigned round-robin
 
@@ -221,7 +222,7 @@ def main() -> None:
     t_base = time.perf_counter() - t0
     print(f"base: {base} ({t_base:.1f} s; identity copy {ct.base_metrics(base)['identity_copy']})")
     task = ct.CopyTaskConfig(base=base_cfg, heterogeneity=args.heterogeneity)
-    spec = lora.LoraSpec(r=args.lora_r, alpha=2.0 * args.lora_r, target_modules=ct.default_targets("gpt2"))
+    spec = lora.LoraSpec(r=args.lora_r, alpha=2.0 * args.lora_r, targets=ct.default_targets("gpt2"))
     per_seed = []
     for seed in args.seeds:
         summary, det, times = run_seed(args, task, base, spec, seed)

@@ -63,7 +63,7 @@ CONFIGS = {
 }
 #: The runner's end-of-round progress line: "trial 0 round 2/3: 1000/1000 clients, train ..."
 ROUND_LINE = re.compile(r"^trial (\d+) round (\d+)/(\d+):")
-ORCH_TARGET = 0.10  # orchestration share of the round at K = 1000 (issue 6)
+ORCH_TARGET = 0.10  # the target: orchestration under this share of the round at K = 1000
 ORCH_TARGET_K = 1000
 GIB = 2**30
 

@@ -1,14 +1,22 @@
-"""Typed experiment configs: OmegaConf structured dataclasses, validated at load time.
+"""Typed experiment configs: OmegaConf structured dataclasses, each section validated in its own
+``__post_init__``.
 
-A config file is merged onto the dataclass schema (so unknown keys and wrongly typed values are rejected by
-OmegaConf with the full key named), then ``key=value`` overrides are merged as a dotlist, then every value
-is range-checked by :func:`validate`, which names the full key and the bad value
-(``contamination.fraction=1.5: must be in [0, 1)``). Nothing starts before the config is valid.
+A config file is read, the ``plugins`` it names are imported (so their registrations exist), the
+``workload.name`` it gives selects the workload's own section dataclass (registered with the workload:
+``clair_ray.workloads.base.register_workload``), and the file and the ``key=value`` overrides are merged
+onto that schema, so unknown keys and wrongly typed values are rejected by OmegaConf with the full key
+named. Building the dataclasses runs every section's ``__post_init__``, which names the full key and the
+bad value (``contamination.fraction=1.5: must be in [0, 1)``); the cross-section checks run in
+:class:`ExperimentConfig`'s. Valid method, attack and workload names come from the registries, never from
+a list kept here. Nothing starts before the config is valid.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,33 +24,43 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clair_ray.attacks import ATTACK_KINDS, DATA_ATTACK_KINDS
+from clair_ray.errors import ConfigError
+from clair_ray.workloads import LinearConfig
+from clair_ray.workloads.base import WorkloadConfig, check_fields, get_workload_class
 
-METHODS = ("clair", "fedavg", "local", "oracle", "median", "trimmed_mean", "multi_krum", "geometric_median")
-# Update attacks act on a submitted update; data attacks (``data_<kind>``) corrupt a client's targets.
-UPDATE_ATTACKS = ATTACK_KINDS
-DATA_ATTACKS = DATA_ATTACK_KINDS
-#: The copy-task workload adds two data corruptions of its own (clair_ray.workloads.copy_task) and two
-#: workload-level baselines: FedAvg over the truly honest clients, and local training stopped early.
-COPY_DATA_ATTACKS = (*DATA_ATTACK_KINDS, "data_reversed", "data_flip")
-COPY_METHODS = (*METHODS, "fedavg_honest", "local_early")
-WORKLOADS = ("linear", "copy_task", "hf_causal_lm")
-#: Workloads whose clients fine-tune LoRA adapters (per-module factor pairs; ``workload.lora``).
-LORA_WORKLOADS = ("copy_task", "hf_causal_lm")
-#: Methods of a LoRA workload's multi-round mode: the global adapter's factors are averaged (FedIT).
-LORA_ROUND_METHODS = ("fedavg",)
-#: Client partitions of the hf_causal_lm workload (clair_ray.workloads.hf_causal_lm.PARTITIONS).
-PARTITIONS = ("iid", "dirichlet", "quantity")
-CLAIR_SIDES = ("column", "row", "both")
-CLAIR_INPUTS = ["auto", "factors", "dense"]
-DEVICES = ("cpu", "cuda")
-ARCHS = ("gpt2", "llama")
-MODES = ("one_shot", "multi_round")
+__all__ = [
+    "AggregationConfig",
+    "ConfigError",
+    "ContaminationConfig",
+    "EngineConfig",
+    "ExperimentConfig",
+    "RayConfig",
+    "fingerprint",
+    "from_dict",
+    "import_plugins",
+    "load_config",
+    "plugin_paths",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]
+
+#: The built-in methods a config runs when it names none (any registered method may be named).
+DEFAULT_METHODS = (
+    "clair",
+    "fedavg",
+    "local",
+    "oracle",
+    "median",
+    "trimmed_mean",
+    "multi_krum",
+    "geometric_median",
+)
 NOISE_SCALES = ("reported", "inv_sqrt_n", "none")
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the full key and the value."""
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass
@@ -64,6 +82,20 @@ class RayConfig:
     object_store_mb: int | None = None
     include_dashboard: bool = False
 
+    def __post_init__(self) -> None:
+        check_fields(
+            "ray",
+            [
+                (self.num_cpus is None or self.num_cpus > 0, "num_cpus", self.num_cpus, "must be > 0"),
+                (
+                    self.object_store_mb is None or self.object_store_mb >= 75,
+                    "object_store_mb",
+                    self.object_store_mb,
+                    "must be >= 75 (Ray's minimum)",
+                ),
+            ],
+        )
+
 
 @dataclass
 class EngineConfig:
@@ -83,7 +115,7 @@ class EngineConfig:
         debug_marker_dir: Test hook: each client call first writes a marker file (holding the actor's pid)
             here, so a test can tell a call is in flight.
         debug_fail_clients: Test hook: these client ids raise inside the actor.
-        debug_nonfinite_clients: Test hook: these client ids return a NaN update.
+        debug_nonfinite_clients: Test hook: these client ids send a non-finite update (any workload).
         debug_stop_after_round: Test hook: stop (as if the driver crashed) after checkpointing this round.
     """
 
@@ -102,178 +134,26 @@ class EngineConfig:
     debug_nonfinite_clients: list[int] = field(default_factory=list)
     debug_stop_after_round: int | None = None
 
-
-@dataclass
-class LoraTrainConfig:
-    """LoRA fine-tuning of every LoRA workload (``workload.name`` ``copy_task`` or ``hf_causal_lm``).
-
-    Attributes:
-        r: Adapter rank.
-        alpha: LoRA alpha (effective update (alpha / r) · B A).
-        targets: Target module names (empty: the workload's default: for the copy task every attention and
-            MLP projection of its ``arch``; for a Hugging Face model peft's default for its architecture).
-        init_seed: Adapter initialisation seed, the same for every client.
-        steps: Local AdamW steps per round.
-        early_steps: Steps of the early-stopped local baseline ``local_early`` (0: not recorded).
-        lr: Local AdamW learning rate.
-        batch: Sequences per local step.
-        side: CLAIR's projection side for refinement: ``column``, ``row`` or ``both``.
-        device: ``cpu`` or ``cuda`` for the client actors (bf16 on cuda); evaluation runs on CPU.
-        eval_every: Multi-round mode: evaluate held-out loss every this many rounds (0: the last round
-            only; the last round is always evaluated). One-shot runs evaluate their single round.
-        clair_input: What CLAIR sees per module: ``factors`` (default: the pairs (B_k, A_k), centred by a
-            low-rank robust mean; never a dense update, so it scales to large modules), ``dense`` (the
-            products B_k A_k, centred by a free offset), or ``auto`` (dense up to 65,536 entries per
-            module, else factors). On the copy task factors and dense flag the same clients (measured).
-    """
-
-    r: int = 4
-    alpha: float = 8.0
-    targets: list[str] = field(default_factory=list)
-    init_seed: int = 0
-    steps: int = 60
-    early_steps: int = 20
-    lr: float = 3e-3
-    batch: int = 8
-    side: str = "both"
-    device: str = "cpu"
-    eval_every: int = 1
-    clair_input: str = "factors"
-
-
-@dataclass
-class CopyTaskWorkloadConfig:
-    """The copy-task data and base model (``workload.name: copy_task``; see clair_ray/workloads/copy_task.py).
-
-    The LoRA fine-tuning knobs are in ``workload.lora``.
-
-    Attributes:
-        arch: Base architecture, ``gpt2`` or ``llama``.
-        vocab_size: V (content tokens 0..V-2, SEP = V-1).
-        prefix_len: Tokens to copy.
-        n_layer: Transformer blocks of the base.
-        n_embd: Width of the base.
-        n_head: Attention heads.
-        base_steps: Full fine-tuning steps of the base on the identity copy (cached on disk by config hash).
-        base_lr: Learning rate of the base training.
-        base_batch_size: Sequences per base training step.
-        base_seed: Seed of the base's initialisation and data.
-        n_common: Substitutions every honest client needs (the shared component).
-        n_personal: Tokens with cluster-dependent substitutions.
-        n_clusters: Groups of honest clients whose personal substitutions conflict.
-        heterogeneity: h in [0, 1]: fraction of personal tokens that conflict across clusters (0: all alike).
-        task_seed: Seed of the substitution maps.
-        n_sequences: Local training sequences per client (the data-size knob).
-        test_sequences: Held-out sequences per honest client for evaluation.
-        n_flips: Token pairs swapped by the ``data_flip`` corruption.
-        cache_dir: Where the base is cached (None: ``$CLAIR_CACHE`` or ``~/.cache/clair_ray``).
-    """
-
-    arch: str = "gpt2"
-    vocab_size: int = 32
-    prefix_len: int = 8
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
-    base_steps: int = 300
-    base_lr: float = 3e-3
-    base_batch_size: int = 32
-    base_seed: int = 0
-    n_common: int = 6
-    n_personal: int = 4
-    n_clusters: int = 2
-    heterogeneity: float = 1.0
-    task_seed: int = 0
-    n_sequences: int = 8
-    test_sequences: int = 128
-    n_flips: int = 2
-    cache_dir: str | None = None
-
-
-@dataclass
-class HFCausalLMWorkloadConfig:
-    """Any Hugging Face causal LM on local text data (``workload.name: hf_causal_lm``).
-
-    See clair_ray/workloads/hf_causal_lm.py; the LoRA fine-tuning knobs are in ``workload.lora``.
-
-    Attributes:
-        name_or_path: A local directory written by ``save_pretrained`` (or a hub id where a hub is
-            reachable) holding the model and its tokenizer.
-        data_path: A ``.jsonl`` / ``.parquet`` file or a directory of them.
-        text_column: Column with the text.
-        label_column: Column with a label (needed by the ``dirichlet`` partition).
-        max_length: Tokens per sequence (truncated / padded).
-        partition: ``iid``, ``dirichlet`` (over ``label_column``) or ``quantity`` (skewed client sizes).
-        partition_alpha: Dirichlet concentration of ``dirichlet`` / ``quantity`` (smaller: more skewed).
-        min_size: Fewest samples a client may get.
-        test_fraction: Share of each client's samples held out for its evaluation.
-        max_samples: Use at most this many samples of the data (0: all), taken before partitioning.
-    """
-
-    name_or_path: str = ""
-    data_path: str = ""
-    text_column: str = "text"
-    label_column: str | None = None
-    max_length: int = 64
-    partition: str = "iid"
-    partition_alpha: float = 0.5
-    min_size: int = 2
-    test_fraction: float = 0.25
-    max_samples: int = 0
-
-
-@dataclass
-class WorkloadConfig:
-    """The linear-regression workload: Y_k = X_k W_k + noise, W_k = W_0 + U V_kᵀ.
-
-    Attributes:
-        name: Workload name: ``linear``, or a LoRA workload, ``copy_task`` or ``hf_causal_lm``, which read
-            ``num_clients``, ``mode``, ``rounds``, ``lora`` and their own section and ignore the linear
-            fields.
-        num_clients: K.
-        p: Rows of W (input features of the regression; the shared side, U is p × r).
-        q: Columns of W (outputs).
-        r: Rank of the shared subspace.
-        signal_scale: Standard deviation of the entries of the common V̄.
-        heterogeneity: Spread of honest V_k around V̄ (V_k = V̄ + heterogeneity · G_k); 0 = all alike.
-        n_median: Median client sample size n_k.
-        quantity_skew: Log-normal sigma of n_k around n_median (0: every client has n_median samples).
-        n_min: Smallest allowed n_k (at least p + 2 so OLS is defined with finite noise).
-        noise_std: Noise standard deviation σ of Y.
-        base_scale: Entry std of the common offset W_0 (0: no offset; > 0: CLAIR runs with offset=True).
-        mode: ``one_shot`` (local OLS, aggregate once) or ``multi_round`` (local gradient steps).
-        rounds: Rounds in multi-round mode (one-shot always runs one).
-        local_steps: Full-batch gradient steps per round in multi-round mode.
-        lr: Gradient step size in multi-round mode.
-        truth_factor: A contaminated client counts as detectable when its update's energy outside U
-            exceeds this multiple of its own noise level there. An honest client's ratio is a chi-type
-            variable with (p - r)·q degrees of freedom, 1 ± 0.03 for the default shapes, so 1.2 is far
-            above any honest fluctuation yet still counts a weak ALIE attacker (about 1.3) as visible.
-        lora: LoRA fine-tuning of the LoRA workloads.
-        copy_task: The copy-task data and base (``name: copy_task``).
-        hf_causal_lm: The Hugging Face model and data (``name: hf_causal_lm``).
-    """
-
-    name: str = "linear"
-    num_clients: int = 50
-    p: int = 64
-    q: int = 16
-    r: int = 4
-    signal_scale: float = 1.0
-    heterogeneity: float = 0.5
-    n_median: int = 200
-    quantity_skew: float = 0.0
-    n_min: int = 80
-    noise_std: float = 0.5
-    base_scale: float = 0.0
-    mode: str = "one_shot"
-    rounds: int = 1
-    local_steps: int = 5
-    lr: float = 0.3
-    truth_factor: float = 1.2
-    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
-    copy_task: CopyTaskWorkloadConfig = field(default_factory=CopyTaskWorkloadConfig)
-    hf_causal_lm: HFCausalLMWorkloadConfig = field(default_factory=HFCausalLMWorkloadConfig)
+    def __post_init__(self) -> None:
+        check_fields(
+            "engine",
+            [
+                (self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1"),
+                (self.actor_num_cpus > 0, "actor_num_cpus", self.actor_num_cpus, "must be > 0"),
+                (self.actor_num_gpus >= 0, "actor_num_gpus", self.actor_num_gpus, "must be >= 0"),
+                (
+                    self.aggregator_num_cpus > 0,
+                    "aggregator_num_cpus",
+                    self.aggregator_num_cpus,
+                    "must be > 0",
+                ),
+                (self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1"),
+                (self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0"),
+                (self.call_timeout_s > 0, "call_timeout_s", self.call_timeout_s, "must be > 0"),
+                (self.min_clients >= 0, "min_clients", self.min_clients, "must be >= 0"),
+                (self.debug_delay_s >= 0, "debug_delay_s", self.debug_delay_s, "must be >= 0"),
+            ],
+        )
 
 
 @dataclass
@@ -281,10 +161,10 @@ class ContaminationConfig:
     """Which clients are contaminated and how.
 
     Attributes:
-        fraction: Fraction of clients contaminated, chosen by ``attacks.select_contaminated`` (default 0:
-            a clean run).
-        mix: Attack kind -> weight (update attacks and ``data_<kind>`` data attacks), split exactly by
-            ``assign_attacks``. Empty by default so that a file's mix replaces it instead of merging.
+        fraction: Fraction of clients contaminated, chosen by a seeded rule (default 0: a clean run).
+        mix: Attack kind -> weight (registered update attacks and ``data_<kind>`` data attacks), split
+            exactly by ``clair_ray.attacks.assign_attacks``. Empty by default so that a file's mix
+            replaces it instead of merging.
         params: Attack kind -> keyword parameters for that attack.
     """
 
@@ -292,28 +172,68 @@ class ContaminationConfig:
     mix: dict[str, float] = field(default_factory=dict)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_fields(
+            "contamination",
+            [(0 <= self.fraction < 1, "fraction", self.fraction, "must be in [0, 1)")]
+            + [(_finite(w) and w >= 0, f"mix.{k}", w, "must be finite and >= 0") for k, w in self.mix.items()]
+            + [
+                (
+                    self.fraction == 0 or sum(self.mix.values()) > 0,
+                    "mix",
+                    dict(self.mix),
+                    "needs a positive weight",
+                )
+            ],
+        )
+
 
 @dataclass
 class AggregationConfig:
     """Methods compared in a run.
 
     Attributes:
-        methods: Aggregators run side by side on the same updates.
-        rank: Rank given to CLAIR and the oracle (None: CLAIR chooses).
+        methods: Methods run side by side on the same updates (registered aggregators, and methods a
+            workload implements itself, such as the LoRA workloads' ``fedavg_honest`` and ``local_early``).
+        rank: Rank of the subspace CLAIR and the oracle use (None: CLAIR chooses from the data where the
+            workload supports it).
         assumed_fraction: Contamination fraction assumed by baselines that need a number of attackers
             (None: the configured ``contamination.fraction``). CLAIR never sees it.
         noise_scale: The per-client relative noise level given to methods (``ctx.noise_scale``):
             ``reported`` (default): what each client computed from its own inputs (linear workload:
             sqrt(tr((X_kᵀX_k)⁻¹)), exactly proportional to its OLS error); ``inv_sqrt_n``: 1/sqrt(n_k),
             which understates the noise of clients with n_k close to p; ``none``.
-        params: Method -> keyword parameters for ``get_aggregator``.
+        params: Method -> keyword parameters for its constructor.
     """
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     rank: int | None = None
     assumed_fraction: float | None = None
     noise_scale: str = "reported"
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        af = self.assumed_fraction
+        check_fields(
+            "aggregation",
+            [
+                (len(self.methods) >= 1, "methods", list(self.methods), "must name at least one method"),
+                (
+                    len(set(self.methods)) == len(self.methods),
+                    "methods",
+                    list(self.methods),
+                    "has duplicates",
+                ),
+                (self.rank is None or self.rank >= 1, "rank", self.rank, "must be >= 1 (or null)"),
+                (af is None or 0 <= af < 0.5, "assumed_fraction", af, "must be in [0, 0.5)"),
+                (
+                    self.noise_scale in NOISE_SCALES,
+                    "noise_scale",
+                    self.noise_scale,
+                    f"must be one of {list(NOISE_SCALES)}",
+                ),
+            ],
+        )
 
 
 @dataclass
@@ -326,7 +246,10 @@ class ExperimentConfig:
         trials: Independent repetitions (trial t draws a fresh problem from (seed, t)).
         output_dir: Where results go (a run writes into this directory).
         resume: Continue from the last checkpoint in ``output_dir``.
-        workload: The workload.
+        plugins: Python modules imported before the config is validated, in the driver and in every actor
+            (each may register aggregators, attacks or workloads). Only the config file or command line
+            a user gives names them; a results directory's saved config never imports anything.
+        workload: The workload's own section (its dataclass is chosen by ``workload.name``).
         contamination: The contamination.
         aggregation: The methods.
         engine: Actors and fault handling.
@@ -338,254 +261,112 @@ class ExperimentConfig:
     trials: int = 1
     output_dir: str = "results/run"
     resume: bool = False
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    plugins: list[str] = field(default_factory=list)
+    workload: WorkloadConfig = field(default_factory=LinearConfig)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-
-def _check(errors: list[str], ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        errors.append(f"{key}={value!r}: {rule}")
-
-
-def _validate_lora(e: list[str], cfg: ExperimentConfig) -> None:
-    """Range checks of ``workload.lora`` (and what every LoRA workload needs elsewhere)."""
-    t, key = cfg.workload.lora, "workload.lora"
-    for name, lo in (("r", 1), ("init_seed", 0), ("steps", 1), ("early_steps", 0), ("batch", 1)):
-        v = getattr(t, name)
-        _check(e, v >= lo, f"{key}.{name}", v, f"must be >= {lo}")
-    _check(e, t.early_steps <= t.steps, f"{key}.early_steps", t.early_steps, f"must be <= steps={t.steps}")
-    _check(e, t.eval_every >= 0, f"{key}.eval_every", t.eval_every, "must be >= 0")
-    for name in ("lr", "alpha"):
-        v = getattr(t, name)
-        _check(e, math.isfinite(v) and v > 0, f"{key}.{name}", v, "must be finite and > 0")
-    _check(e, t.side in CLAIR_SIDES, f"{key}.side", t.side, f"must be one of {list(CLAIR_SIDES)}")
-    _check(e, t.device in DEVICES, f"{key}.device", t.device, f"must be one of {list(DEVICES)}")
-    _check(
-        e,
-        t.clair_input in CLAIR_INPUTS,
-        f"{key}.clair_input",
-        t.clair_input,
-        f"must be one of {CLAIR_INPUTS}",
-    )
-    if t.device == "cuda":  # Ray hides every GPU from an actor that reserved none
-        g = cfg.engine.actor_num_gpus
-        _check(e, g > 0, "engine.actor_num_gpus", g, "must be > 0 with workload.lora.device=cuda")
-    methods = cfg.aggregation.methods
-    if cfg.workload.mode == "multi_round":
-        bad = [m for m in methods if m not in LORA_ROUND_METHODS]
-        _check(
-            e,
-            not bad,
-            "aggregation.methods",
-            list(methods),
-            f"{cfg.workload.name} in multi_round mode runs {list(LORA_ROUND_METHODS)} only (got {bad})",
-        )
-        upd = [k for k, v in cfg.contamination.mix.items() if v > 0 and not k.startswith("data_")]
-        _check(
-            e,
-            not upd,
-            "contamination.mix",
-            dict(cfg.contamination.mix),
-            f"{cfg.workload.name} in multi_round mode takes data attacks only (got {upd})",
-        )
-    if "local_early" in methods:
-        _check(
-            e, t.early_steps >= 1, f"{key}.early_steps", t.early_steps, "must be >= 1 for method local_early"
-        )
-    if cfg.aggregation.rank is not None:
-        _check(
-            e,
-            1 <= cfg.aggregation.rank <= t.r,
-            "aggregation.rank",
-            cfg.aggregation.rank,
-            f"must be in [1, workload.lora.r={t.r}]",
-        )
+    def __post_init__(self) -> None:
+        K, g = self.workload.num_clients, self.engine
+        checks = [
+            (self.trials >= 1, "trials", self.trials, "must be >= 1"),
+            (self.seed >= 0, "seed", self.seed, "must be >= 0"),
+            (bool(self.output_dir), "output_dir", self.output_dir, "must not be empty"),
+            (g.min_clients <= K, "engine.min_clients", g.min_clients, f"must be <= workload.num_clients={K}"),
+        ]
+        for key in ("debug_fail_clients", "debug_nonfinite_clients"):
+            checks += [
+                (0 <= k < K, f"engine.{key}[{i}]", k, "must be a client id")
+                for i, k in enumerate(getattr(g, key))
+            ]
+        bad = [f"{key}={value!r}: {rule}" for ok, key, value, rule in checks if not ok]
+        if bad:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
+        if isinstance(self.workload, WorkloadConfig) and type(self.workload) is not WorkloadConfig:
+            get_workload_class(self.workload.name).check(self)
 
 
-def _validate_copy_task(e: list[str], cfg: ExperimentConfig) -> None:
-    """Range checks of ``workload.copy_task``."""
-    t = cfg.workload.copy_task
-    key = "workload.copy_task"
-    _check(e, t.arch in ARCHS, f"{key}.arch", t.arch, f"must be one of {list(ARCHS)}")
-    for name, lo in (
-        ("vocab_size", 4),
-        ("prefix_len", 1),
-        ("n_layer", 1),
-        ("n_embd", 2),
-        ("n_head", 1),
-        ("base_steps", 0),
-        ("base_batch_size", 1),
-        ("base_seed", 0),
-        ("n_common", 0),
-        ("n_personal", 0),
-        ("n_clusters", 1),
-        ("task_seed", 0),
-        ("n_sequences", 1),
-        ("test_sequences", 1),
-        ("n_flips", 1),
-    ):
-        v = getattr(t, name)
-        _check(e, v >= lo, f"{key}.{name}", v, f"must be >= {lo}")
-    _check(
-        e,
-        t.n_head >= 1 and t.n_embd % t.n_head == 0,
-        f"{key}.n_head",
-        t.n_head,
-        f"must divide n_embd={t.n_embd}",
-    )
-    _check(
-        e,
-        t.n_common + t.n_personal <= t.vocab_size - 1,
-        f"{key}.n_common",
-        t.n_common,
-        f"n_common + n_personal must be <= vocab_size - 1 = {t.vocab_size - 1}",
-    )
-    _check(e, 0.0 <= t.heterogeneity <= 1.0, f"{key}.heterogeneity", t.heterogeneity, "must be in [0, 1]")
-    _check(
-        e, 2 * t.n_flips <= t.vocab_size - 1, f"{key}.n_flips", t.n_flips, "must be <= (vocab_size - 1) / 2"
-    )
-    v = t.base_lr
-    _check(e, math.isfinite(v) and v > 0, f"{key}.base_lr", v, "must be finite and > 0")
+# ---------------------------------------------------------------------------------------------------------
+# Plugins
+# ---------------------------------------------------------------------------------------------------------
 
 
-def _validate_hf_causal_lm(e: list[str], cfg: ExperimentConfig) -> None:
-    """Range checks of ``workload.hf_causal_lm`` (files are checked when the workload loads them)."""
-    t, key = cfg.workload.hf_causal_lm, "workload.hf_causal_lm"
-    _check(e, bool(t.name_or_path), f"{key}.name_or_path", t.name_or_path, "must name a model dir or hub id")
-    _check(e, bool(t.data_path), f"{key}.data_path", t.data_path, "must name a .jsonl/.parquet file or dir")
-    _check(e, bool(t.text_column), f"{key}.text_column", t.text_column, "must name a column")
-    _check(e, t.max_length >= 2, f"{key}.max_length", t.max_length, "must be >= 2")
-    _check(
-        e, t.partition in PARTITIONS, f"{key}.partition", t.partition, f"must be one of {list(PARTITIONS)}"
-    )
-    _check(
-        e,
-        t.partition != "dirichlet" or bool(t.label_column),
-        f"{key}.label_column",
-        t.label_column,
-        "must name a column with partition=dirichlet",
-    )
-    a = t.partition_alpha
-    _check(e, math.isfinite(a) and a > 0, f"{key}.partition_alpha", a, "must be finite and > 0")
-    _check(e, t.min_size >= 2, f"{key}.min_size", t.min_size, "must be >= 2 (a client needs train and test)")
-    _check(e, 0 < t.test_fraction < 1, f"{key}.test_fraction", t.test_fraction, "must be in (0, 1)")
-    _check(e, t.max_samples >= 0, f"{key}.max_samples", t.max_samples, "must be >= 0 (0: all)")
-
-
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Range-checks every value; raises one ConfigError listing each bad key and value.
+def plugin_paths(names: list[str]) -> list[str]:
+    """The ``sys.path`` entries that make the plugin modules importable (for processes started elsewhere).
 
     Args:
-        cfg: The config to check.
+        names: Module names (importable in this process).
 
     Returns:
-        The same config.
+        For each module found outside the installed packages, the directory its top-level package sits
+        in (client and aggregator actors put them on their path before importing the plugins).
+    """
+    out: list[str] = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        origin = Path(spec.origin).resolve()
+        depth = len(name.split(".")) + (1 if origin.name == "__init__.py" else 0)
+        root = str(origin.parents[depth - 1])
+        if "site-packages" not in root and root not in out:
+            out.append(root)
+    return out
+
+
+def import_plugins(names: list[str], paths: list[str] | None = None) -> None:
+    """Imports the plugin modules (their registrations run on import).
+
+    Args:
+        names: Module names from the ``plugins`` config key.
+        paths: Directories to put on ``sys.path`` first (from :func:`plugin_paths` in the driver).
 
     Raises:
-        ConfigError: Some value is out of range.
+        ConfigError: A module cannot be imported (the message names it and the cause).
     """
-    e: list[str] = []
-    w, c, a, g, r = cfg.workload, cfg.contamination, cfg.aggregation, cfg.engine, cfg.ray
-    _check(e, cfg.trials >= 1, "trials", cfg.trials, "must be >= 1")
-    _check(e, cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
-    _check(e, bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
-    _check(e, w.name in WORKLOADS, "workload.name", w.name, f"must be one of {list(WORKLOADS)}")
-    copy = w.name in LORA_WORKLOADS
-    methods_known = COPY_METHODS if copy else METHODS
-    if copy:
-        _validate_lora(e, cfg)
-    if w.name == "copy_task":
-        _validate_copy_task(e, cfg)
-    if w.name == "hf_causal_lm":
-        _validate_hf_causal_lm(e, cfg)
-    _check(e, w.num_clients >= 2, "workload.num_clients", w.num_clients, "must be >= 2")
-    for key in ("p", "q", "r"):
-        _check(e, getattr(w, key) >= 1, f"workload.{key}", getattr(w, key), "must be >= 1")
-    _check(e, w.r <= min(w.p, w.q), "workload.r", w.r, f"must be <= min(p, q) = {min(w.p, w.q)}")
-    _check(
-        e, w.n_min >= w.p + 2, "workload.n_min", w.n_min, f"must be >= p + 2 = {w.p + 2} (OLS needs n > p)"
-    )
-    _check(e, w.n_median >= w.n_min, "workload.n_median", w.n_median, f"must be >= workload.n_min={w.n_min}")
-    for key in ("signal_scale", "heterogeneity", "quantity_skew", "noise_std", "base_scale"):
-        v = getattr(w, key)
-        _check(e, math.isfinite(v) and v >= 0, f"workload.{key}", v, "must be finite and >= 0")
-    _check(e, w.mode in MODES, "workload.mode", w.mode, f"must be one of {list(MODES)}")
-    _check(e, w.rounds >= 1, "workload.rounds", w.rounds, "must be >= 1")
-    _check(e, w.local_steps >= 1, "workload.local_steps", w.local_steps, "must be >= 1")
-    _check(e, 0 < w.lr < 2, "workload.lr", w.lr, "must be in (0, 2) (gradient steps on whitened inputs)")
-    _check(e, w.truth_factor > 0, "workload.truth_factor", w.truth_factor, "must be > 0")
-    _check(e, 0 <= c.fraction < 1, "contamination.fraction", c.fraction, "must be in [0, 1)")
-    known = UPDATE_ATTACKS + (COPY_DATA_ATTACKS if w.name == "copy_task" else DATA_ATTACKS)
-    for kind, weight in c.mix.items():
-        _check(e, kind in known, f"contamination.mix.{kind}", weight, f"unknown attack; known: {list(known)}")
-        _check(e, weight >= 0, f"contamination.mix.{kind}", weight, "must be >= 0")
-    if c.fraction > 0:
-        _check(e, sum(c.mix.values()) > 0, "contamination.mix", dict(c.mix), "needs a positive weight")
-    for kind in c.params:
-        _check(e, kind in known, f"contamination.params.{kind}", c.params[kind], "unknown attack")
-    _check(e, len(a.methods) >= 1, "aggregation.methods", list(a.methods), "must name at least one method")
-    for i, m in enumerate(a.methods):
-        _check(e, m in methods_known, f"aggregation.methods[{i}]", m, f"must be one of {list(methods_known)}")
-    _check(e, len(set(a.methods)) == len(a.methods), "aggregation.methods", list(a.methods), "has duplicates")
-    for m in a.params:
-        _check(
-            e,
-            m in methods_known,
-            f"aggregation.params.{m}",
-            a.params[m],
-            f"must be one of {list(methods_known)}",
-        )
-    if a.rank is not None and not copy:
-        _check(e, 1 <= a.rank <= min(w.p, w.q), "aggregation.rank", a.rank, "must be in [1, min(p, q)]")
-    if a.assumed_fraction is not None:
-        _check(
-            e,
-            0 <= a.assumed_fraction < 0.5,
-            "aggregation.assumed_fraction",
-            a.assumed_fraction,
-            "must be in [0, 0.5)",
-        )
-    _check(
-        e,
-        a.noise_scale in NOISE_SCALES,
-        "aggregation.noise_scale",
-        a.noise_scale,
-        f"must be one of {list(NOISE_SCALES)}",
-    )
-    _check(e, g.num_actors >= 1, "engine.num_actors", g.num_actors, "must be >= 1")
-    _check(e, g.actor_num_cpus > 0, "engine.actor_num_cpus", g.actor_num_cpus, "must be > 0")
-    _check(e, g.actor_num_gpus >= 0, "engine.actor_num_gpus", g.actor_num_gpus, "must be >= 0")
-    _check(e, g.aggregator_num_cpus > 0, "engine.aggregator_num_cpus", g.aggregator_num_cpus, "must be > 0")
-    _check(e, g.batch_size >= 1, "engine.batch_size", g.batch_size, "must be >= 1")
-    _check(e, g.max_restarts >= 0, "engine.max_restarts", g.max_restarts, "must be >= 0")
-    _check(e, g.call_timeout_s > 0, "engine.call_timeout_s", g.call_timeout_s, "must be > 0")
-    _check(
-        e,
-        0 <= g.min_clients <= w.num_clients,
-        "engine.min_clients",
-        g.min_clients,
-        f"must be in [0, workload.num_clients={w.num_clients}]",
-    )
-    _check(e, g.debug_delay_s >= 0, "engine.debug_delay_s", g.debug_delay_s, "must be >= 0")
-    for key in ("debug_fail_clients", "debug_nonfinite_clients"):
-        for i, k in enumerate(getattr(g, key)):
-            _check(e, 0 <= k < w.num_clients, f"engine.{key}[{i}]", k, "must be a client id")
-    if r.num_cpus is not None:
-        _check(e, r.num_cpus > 0, "ray.num_cpus", r.num_cpus, "must be > 0")
-    if r.object_store_mb is not None:
-        _check(
-            e,
-            r.object_store_mb >= 75,
-            "ray.object_store_mb",
-            r.object_store_mb,
-            "must be >= 75 (Ray's minimum)",
-        )
-    if e:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+    for p in paths or []:
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    for i, name in enumerate(names):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ConfigError(
+                f"invalid config:\n  plugins[{i}]={name!r}: cannot import it ({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _build(parts: list[DictConfig], plugin_dirs: list[str] | None = None) -> ExperimentConfig:
+    """Imports the plugins, picks the workload section's schema, merges ``parts`` onto it, validates."""
+    try:
+        raw = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
+        plugins = list(raw.get("plugins") or [])
+        wl_name = OmegaConf.select(raw, "workload.name", default=None)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from exc
+    import_plugins([str(p) for p in plugins], plugin_dirs)
+    schema = OmegaConf.structured(ExperimentConfig)
+    if wl_name is not None:
+        schema.workload = OmegaConf.structured(get_workload_class(str(wl_name)).config_class)
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, *parts))
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from exc
+    assert isinstance(cfg, ExperimentConfig)
     return cfg
+
+
+def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{key}: {msg}" if key else msg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -599,11 +380,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         The validated config.
 
     Raises:
-        ConfigError: Unknown key, wrongly typed value, value out of range, or a malformed override.
+        ConfigError: Unknown key, wrongly typed value, value out of range, a malformed override or a
+            plugin that cannot be imported.
     """
-    schema = OmegaConf.structured(ExperimentConfig)
+    parts: list[DictConfig] = []
     try:
-        parts: list[DictConfig] = [schema]
         if path is not None:
             loaded = OmegaConf.load(path)
             if not isinstance(loaded, DictConfig):
@@ -614,14 +395,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {item!r}: expected key=value")
         if overrides:
             parts.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*parts)
-        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        msg = str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from exc
-    assert isinstance(cfg, ExperimentConfig)
-    return validate(cfg)
+        raise _omegaconf_error(exc) from exc
+    return _build(parts)
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -636,11 +412,26 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return out  # type: ignore[return-value]
 
 
-def from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Inverse of :func:`to_dict` (validated)."""
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), data))
-    assert isinstance(cfg, ExperimentConfig)
-    return validate(cfg)
+def from_dict(data: dict[str, Any], plugin_dirs: list[str] | None = None) -> ExperimentConfig:
+    """Inverse of :func:`to_dict` (validated; the plugins it names are imported first).
+
+    Args:
+        data: Plain containers, as :func:`to_dict` makes them.
+        plugin_dirs: Directories the plugins are imported from (see :func:`plugin_paths`).
+    """
+    return _build([OmegaConf.create(data)], plugin_dirs)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Validates a config built or changed in code (every section's checks run again).
+
+    Returns:
+        A validated copy.
+
+    Raises:
+        ConfigError: Some value is out of range (every bad key of the failing section is named).
+    """
+    return from_dict(to_dict(cfg))
 
 
 def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:

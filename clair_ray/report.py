@@ -31,10 +31,8 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from clair_ray import results
-from clair_ray.sweep import PARTITION, TABLES
 
 FRACTION, HETEROGENEITY, NOISE = "contamination.fraction", "workload.heterogeneity", "workload.noise_std"
-COPY_HETEROGENEITY = "workload.copy_task.heterogeneity"  # the copy-task workload's own knob
 REPLICATES = ("seed",)  # swept keys that are replicates, not conditions
 MAX_PANELS = 4
 
@@ -43,9 +41,9 @@ def read_sweep(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Reads a gathered dataset: ``clients``, ``summary``, ``detection`` (with ``sweep_trial`` and the
     parameter columns) and ``trials``."""
     root = Path(results_dir)
-    part = pads.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+    part = pads.partitioning(pa.schema([(results.PARTITION, pa.string())]), flavor="hive")
     out = {}
-    for name in TABLES:
+    for name in results.TABLES:
         if (root / name).is_dir():
             df = pads.dataset(root / name, format="parquet", partitioning=part).to_table().to_pandas()
         elif (root / f"{name}.parquet").exists():  # a compact copy (see compact_results)
@@ -74,8 +72,8 @@ def compact_results(results_dir: str | Path, dest: str | Path) -> Path:
     src, dest = Path(results_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tables = read_sweep(src)
-    order = [PARTITION, "trial", "method", "round"]
-    for name in TABLES:
+    order = [results.PARTITION, "trial", "method", "round"]
+    for name in results.TABLES:
         df = tables[name].sort_values([c for c in order if c in tables[name].columns], kind="stable")
         pq.write_table(
             pa.Table.from_pandas(df, preserve_index=False), dest / f"{name}.parquet", compression="zstd"
@@ -125,7 +123,7 @@ class Results:
             self.kind = "run"
             tables = results.read_tables(self.source)
             for t in tables.values():
-                t[PARTITION] = "run"
+                t[results.PARTITION] = "run"
             self.params = []
             cfg_file = self.source / "config.yaml"
             self.base = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.exists() else {}
@@ -137,19 +135,19 @@ class Results:
         self.conditions = [p for p in self.params if p not in REPLICATES]
         self.clients = self._final(tables["clients"])
         self.summary = self._final(tables["summary"])
-        self.n_runs = int(self.summary[PARTITION].nunique()) if len(self.summary) else 0
+        self.n_runs = int(self.summary[results.PARTITION].nunique()) if len(self.summary) else 0
         # LM workloads have no parameter error: judge honest clients by their held-out loss there
         loss = "honest_mean_test_loss"
         has_error = len(self.summary) and self.summary["honest_mean_error"].notna().any()
         self.metric = "honest_mean_error" if has_error or loss not in self.summary else loss
         self.metric_label = "mean error ‖W̃_k − W_k‖_F" if self.metric == "honest_mean_error" else "test loss"
-        self.het = COPY_HETEROGENEITY if COPY_HETEROGENEITY in self.params else HETEROGENEITY
+        self.het = HETEROGENEITY
 
     @staticmethod
     def _final(df: pd.DataFrame) -> pd.DataFrame:
         if not len(df):
             return df
-        last = df.groupby(PARTITION)["round"].transform("max")
+        last = df.groupby(results.PARTITION)["round"].transform("max")
         return df[df["round"] == last].reset_index(drop=True)
 
     def varied(self, key: str) -> bool:
@@ -183,7 +181,7 @@ def attack_f1(res: Results, method: str = "clair") -> pd.DataFrame:
     c = res.clients[(res.clients["method"] == method) & ~res.clients["dropped"]]
     c = c[c["reason"] != "non-finite"]
     rows: list[dict[str, Any]] = []
-    for (run, trial), g in c.groupby([PARTITION, "trial"], sort=False):
+    for (run, trial), g in c.groupby([results.PARTITION, "trial"], sort=False):
         honest = g[~g["contaminated"]]
         first = g.iloc[0]
         for attack, a in g[g["contaminated"]].groupby("attack", sort=True):
@@ -193,7 +191,7 @@ def attack_f1(res: Results, method: str = "clair") -> pd.DataFrame:
             )
             rows.append(
                 {
-                    PARTITION: run,
+                    results.PARTITION: run,
                     "trial": trial,
                     "attack": attack,
                     "n_detectable": int(a["detectable"].sum()),
@@ -267,7 +265,7 @@ def _heatmap(res: Results, gain: pd.DataFrame, path: Path) -> None:
 
 def _gain(res: Results) -> pd.DataFrame:
     s = res.summary[res.summary["method"].isin(["clair", "fedavg"])]
-    keys = [PARTITION, "trial", *res.params]
+    keys = [results.PARTITION, "trial", *res.params]
     wide = s.pivot_table(index=keys, columns="method", values=res.metric).reset_index()
     wide["gain"] = wide["fedavg"] / wide["clair"]
     return wide
@@ -288,7 +286,7 @@ def _table(df: pd.DataFrame, rows: list[str], col: str, y: str, col_order: list[
         key = key if isinstance(key, tuple) else (key,)
         cells = [f"{v:g}" if isinstance(v, float | int | np.floating | np.integer) else str(v) for v in key]
         if not rows:
-            cells = [f"{g[PARTITION].nunique()} run(s)"]
+            cells = [f"{g[results.PARTITION].nunique()} run(s)"]
         for c in col_order:
             cells.append(_fmt(*_mean_std(g[g[col] == c][y])))
         lines.append("| " + " | ".join(cells) + " |")

@@ -25,58 +25,74 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clair_ray.attacks import IN_SUBSPACE_KINDS
+from clair_ray.attacks import ATTACKS
+from clair_ray.workloads.base import Column
 
-CLIENT_SCHEMA = pa.schema(
-    [
-        ("trial", pa.int32()),
-        ("method", pa.string()),
-        ("round", pa.int32()),
-        ("client_id", pa.int32()),
-        ("contaminated", pa.bool_()),
-        ("attack", pa.string()),  # "" for honest clients
-        ("detectable", pa.bool_()),  # detection truth
-        ("dropped", pa.bool_()),  # the client raised: no update this round
-        ("flagged", pa.bool_()),
-        ("reason", pa.string()),  # why it was flagged ("" if not)
-        ("error", pa.float64()),  # ‖W̃_k − W_k‖_F of the model the client ends the round with
-        ("test_mse", pa.float64()),  # held-out MSE per output (exact for the linear workload)
-        ("test_loss", pa.float64()),  # LM workloads: held-out target loss (NaN for the linear workload)
-        ("exact_match", pa.float64()),  # LM workloads: held-out exact-match accuracy (NaN for linear)
-        ("token_accuracy", pa.float64()),  # LM workloads: held-out next-token accuracy (NaN for linear)
-        ("update_norm", pa.float64()),  # ‖update the server received‖_F
-        ("off_subspace", pa.float64()),  # ‖P_U⊥(update − W_0)‖_F
-        ("noise_level", pa.float64()),  # the client's noise level outside U
-        ("n_samples", pa.int64()),
-        ("bytes_sent", pa.int64()),
-        ("actor_id", pa.int32()),  # which client actor trained it (infrastructure, not a result)
-        ("train_s", pa.float64()),  # timing
-    ]
-)
+#: The tables of a run (one Parquet file each) and of a gathered sweep (one hive-partitioned dataset each).
+TABLES = ("clients", "summary", "detection")
+#: The partition column of a gathered sweep's datasets (the Tune trial id).
+PARTITION = "sweep_trial"
 
-SUMMARY_SCHEMA = pa.schema(
-    [
-        ("trial", pa.int32()),
-        ("method", pa.string()),
-        ("round", pa.int32()),
-        ("n_clients", pa.int32()),
-        ("n_dropped", pa.int32()),
-        ("n_honest", pa.int32()),
-        ("honest_mean_error", pa.float64()),
-        ("honest_mean_test_mse", pa.float64()),
-        ("honest_mean_test_loss", pa.float64()),  # LM workloads (NaN for the linear workload)
-        ("honest_mean_exact_match", pa.float64()),  # LM workloads (NaN for the linear workload)
-        ("honest_mean_token_accuracy", pa.float64()),  # LM workloads (NaN for the linear workload)
-        ("subspace_error", pa.float64()),  # ‖ÛÛᵀ − UUᵀ‖_F, NaN if the method has no subspace
-        ("n_flagged", pa.int32()),
-        ("n_detectable", pa.int32()),
-        ("precision", pa.float64()),
-        ("recall", pa.float64()),
-        ("f1", pa.float64()),
-        ("agg_s", pa.float64()),  # timing: this method's aggregation
-        ("round_s", pa.float64()),  # timing: the whole round (training, shared by methods, + aggregation)
+#: Client-table columns every run has; a workload's own client columns follow ``reason``.
+_CLIENT_HEAD = [
+    ("trial", pa.int32()),
+    ("method", pa.string()),
+    ("round", pa.int32()),
+    ("client_id", pa.int32()),
+    ("contaminated", pa.bool_()),
+    ("attack", pa.string()),  # "" for honest clients
+    ("detectable", pa.bool_()),  # detection truth
+    ("dropped", pa.bool_()),  # the client raised: no update this round
+    ("flagged", pa.bool_()),
+    ("reason", pa.string()),  # why it was flagged ("" if not)
+]
+_CLIENT_TAIL = [
+    ("update_norm", pa.float64()),  # ‖update the server received‖_F
+    ("n_samples", pa.int64()),
+    ("bytes_sent", pa.int64()),
+    ("actor_id", pa.int32()),  # which client actor trained it (infrastructure, not a result)
+    ("train_s", pa.float64()),  # timing
+]
+#: Summary-table columns every run has; ``honest_mean_<column>`` and method-level workload columns
+#: follow ``n_honest``.
+_SUMMARY_HEAD = [
+    ("trial", pa.int32()),
+    ("method", pa.string()),
+    ("round", pa.int32()),
+    ("n_clients", pa.int32()),
+    ("n_dropped", pa.int32()),
+    ("n_honest", pa.int32()),
+]
+_SUMMARY_TAIL = [
+    ("n_flagged", pa.int32()),
+    ("n_detectable", pa.int32()),
+    ("precision", pa.float64()),
+    ("recall", pa.float64()),
+    ("f1", pa.float64()),
+    ("agg_s", pa.float64()),  # timing: this method's aggregation
+    ("round_s", pa.float64()),  # timing: the whole round (training, shared by methods, + aggregation)
+]
+
+
+def client_schema(columns: Sequence[Column] = ()) -> pa.Schema:
+    """The client table's schema: the core columns plus the workload's client-level columns."""
+    own = [(c.name, c.dtype) for c in columns if c.level == "client"]
+    return pa.schema(_CLIENT_HEAD + own + _CLIENT_TAIL)
+
+
+def summary_schema(columns: Sequence[Column] = ()) -> pa.Schema:
+    """The summary table's schema: the core columns plus ``honest_mean_<c>`` for each client column that
+    asks for it and each method-level column."""
+    means = [
+        (f"honest_mean_{c.name}", pa.float64()) for c in columns if c.level == "client" and c.honest_mean
     ]
-)
+    scalars = [(c.name, c.dtype) for c in columns if c.level == "method"]
+    return pa.schema(_SUMMARY_HEAD + means + scalars + _SUMMARY_TAIL)
+
+
+#: The core schemas (a run's tables have these columns and its workload's own).
+CLIENT_SCHEMA = client_schema()
+SUMMARY_SCHEMA = summary_schema()
 
 DETECTION_SCHEMA = pa.schema(
     [
@@ -131,7 +147,9 @@ def _mean(rows: pd.DataFrame, column: str) -> float:
 
 
 def summarize(
-    clients: pd.DataFrame, extras: dict[tuple[int, str, int], dict[str, float]]
+    clients: pd.DataFrame,
+    extras: dict[tuple[int, str, int], dict[str, float]],
+    columns: Sequence[Column] = (),
 ) -> tuple[list, list]:
     """Summary and per-attack detection rows from the client rows.
 
@@ -140,11 +158,14 @@ def summarize(
 
     Args:
         clients: The client table as a DataFrame.
-        extras: (trial, method, round) -> ``subspace_error``, ``agg_s``, ``round_s``.
+        extras: (trial, method, round) -> ``agg_s``, ``round_s`` and the method-level workload columns.
+        columns: The workload's columns (which honest means and method-level numbers to report).
 
     Returns:
         (summary rows, detection rows) as lists of dicts.
     """
+    means = [c.name for c in columns if c.level == "client" and c.honest_mean]
+    scalars = [c.name for c in columns if c.level == "method"]
     summary: list[dict[str, Any]] = []
     detection: list[dict[str, Any]] = []
     for (trial, method, rnd), g in clients.groupby(["trial", "method", "round"], sort=False):
@@ -155,20 +176,18 @@ def summarize(
         truth = v["detectable"].to_numpy(bool)
         precision, recall, f1 = detection_scores(flagged, truth)
         ex = extras.get((int(trial), str(method), int(rnd)), {})
-        summary.append(
+        row: dict[str, Any] = {
+            "trial": trial,
+            "method": method,
+            "round": rnd,
+            "n_clients": len(g),
+            "n_dropped": int(g["dropped"].sum()),
+            "n_honest": len(honest),
+        }
+        row.update({f"honest_mean_{m}": _mean(honest, m) for m in means})
+        row.update({m: ex.get(m, math.nan) for m in scalars})
+        row.update(
             {
-                "trial": trial,
-                "method": method,
-                "round": rnd,
-                "n_clients": len(g),
-                "n_dropped": int(g["dropped"].sum()),
-                "n_honest": len(honest),
-                "honest_mean_error": float(honest["error"].mean()) if len(honest) else math.nan,
-                "honest_mean_test_mse": float(honest["test_mse"].mean()) if len(honest) else math.nan,
-                "honest_mean_test_loss": _mean(honest, "test_loss"),
-                "honest_mean_exact_match": _mean(honest, "exact_match"),
-                "honest_mean_token_accuracy": _mean(honest, "token_accuracy"),
-                "subspace_error": ex.get("subspace_error", math.nan),
                 "n_flagged": int(flagged.sum()),
                 "n_detectable": int(truth.sum()),
                 "precision": precision,
@@ -178,6 +197,7 @@ def summarize(
                 "round_s": ex.get("round_s", math.nan),
             }
         )
+        summary.append(row)
         for attack, a in v[v["contaminated"]].groupby("attack", sort=True):
             detection.append(
                 {
@@ -185,9 +205,7 @@ def summarize(
                     "method": method,
                     "round": rnd,
                     "attack": attack,
-                    # Workload-specific data corruptions (copy task: data_reversed, data_flip) are
-                    # not in attacks.py's list; like every data attack they are not in-subspace.
-                    "in_subspace": str(attack) in IN_SUBSPACE_KINDS,
+                    "in_subspace": str(attack) in ATTACKS and ATTACKS[str(attack)].in_subspace,
                     "n_clients": len(a),
                     "n_detectable": int(a["detectable"].sum()),
                     "n_flagged": int(a["flagged"].sum()),
@@ -225,13 +243,10 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
     """
     last = summary[summary["round"] == summary["round"].max()]
     methods = list(dict.fromkeys(last["method"]))
+    core = {name for name, _ in _SUMMARY_HEAD + _SUMMARY_TAIL}
+    own = [c for c in last.columns if c not in core]  # the workload's: honest means, method-level numbers
     metrics = [
-        "honest_mean_error",
-        "honest_mean_test_mse",
-        "honest_mean_test_loss",
-        "honest_mean_exact_match",
-        "honest_mean_token_accuracy",
-        "subspace_error",
+        *own,
         "precision",
         "recall",
         "f1",
@@ -248,16 +263,9 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
             return f"{values.mean():.4g}±{values.std(ddof=0):.2g}"
         return f"{values.iloc[0]:.4g}"
 
-    # Metrics a workload does not produce (all NaN: test loss for the linear workload, the parameter error
-    # for LM workloads) are left out rather than printed as a row of dashes.
-    optional = {
-        "honest_mean_error",
-        "honest_mean_test_mse",
-        "honest_mean_test_loss",
-        "honest_mean_exact_match",
-        "honest_mean_token_accuracy",
-        "subspace_error",
-    }
+    # A workload's columns that are all NaN in this run (no subspace estimated by any method, say) are left
+    # out rather than printed as a row of dashes.
+    optional = set(own)
     for m in metrics:
         if m not in last.columns or (m in optional and last[m].isna().all()):
             continue

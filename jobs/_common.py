@@ -17,7 +17,8 @@ def prepare() -> None:
     """
     sys.path.insert(0, str(ROOT))
     # Inside a job, RAY_ADDRESS is set by the job server: the engine then calls ray.init() without local
-    # resources (RAY-NOTES "Cluster and jobs"); these only silence Tune and keep trial paths stable.
+    # resource options (the cluster's own resources apply); these only silence Tune and keep trial paths
+    # stable.
     for key, value in (
         ("RAY_CHDIR_TO_TRIAL_DIR", "0"),
         ("RAY_AIR_NEW_OUTPUT", "0"),

@@ -6,8 +6,8 @@
 
 - ``model/``: a 1-layer, 32-wide GPT-2 (or Llama) with randomly initialised weights and a word-level
   tokenizer trained on the dataset, both written by ``save_pretrained``
-  (:func:`clair_ray.workloads.hf_causal_lm.write_tiny_model`), so the workload loads them through the real
-  ``from_pretrained`` path on a machine without a hub.
+  (:func:`clair_ray.workloads.hf_causal_lm.data.write_tiny_model`), so the workload loads them through the
+  real ``from_pretrained`` path on a machine without a hub.
 - ``data.jsonl``: ``--lines`` templated sentences, ``{"text": ..., "topic": ...}``, over four topics. Each
   topic has its own sentence template with a few choices per slot, so a client can learn its topics'
   templates (the loss falls well below the untrained model's) and a Dirichlet partition over ``topic``
@@ -103,8 +103,8 @@ def pretrain(
     """
     import torch
 
-    from clair_ray.workloads import hf_causal_lm as hf
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.hf_causal_lm import data as hf
+    from clair_ray.workloads.lora import adapters as lora
 
     rng = np.random.default_rng(seed)
     scrambled = [" ".join(rng.permutation(t.split())) for t in texts]
@@ -147,7 +147,7 @@ def make(
     """
     from transformers.utils import logging as hf_logging
 
-    from clair_ray.workloads.hf_causal_lm import write_tiny_model
+    from clair_ray.workloads.hf_causal_lm.data import write_tiny_model
 
     hf_logging.disable_progress_bar()  # save_pretrained's one-shard bar is noise here
     out = Path(out_dir)

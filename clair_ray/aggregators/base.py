@@ -8,8 +8,9 @@ no Ray, no global state, so they are unit-testable and run unchanged inside the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -75,3 +76,69 @@ class Aggregator(Protocol):
             The per-client results.
         """
         ...
+
+
+#: Name -> aggregator class, in registration order (the only list of method names; config reads it).
+AGGREGATORS: dict[str, type] = {}
+
+
+def register_aggregator(name: str, *, personalized: bool = False) -> Callable[[type], type]:
+    """Registers an aggregator class under ``name``; used as a class decorator where the class is defined.
+
+    A user's own method is one decorated class in their own module, loaded through ``plugins``::
+
+        @register_aggregator("norm_clipped_mean")
+        class NormClippedMean:
+            def aggregate(self, updates, ctx):  # (K, p, q) -> AggOutput
+                ...
+
+    Args:
+        name: The name used in ``aggregation.methods`` and ``aggregation.params``.
+        personalized: Whether clients get different results (``local``, ``oracle``, ``clair``); a global
+            method gives every kept client the same aggregate, which is what LoRA workloads can run
+            for any registered method (one shared correction per module).
+
+    Returns:
+        The decorator; it sets ``cls.name`` and ``cls.personalized`` and returns the class.
+
+    Raises:
+        ValueError: ``name`` is taken by another class.
+    """
+
+    def deco(cls: type) -> type:
+        old = AGGREGATORS.get(name)
+        if old is not None and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"register_aggregator: {name!r} is registered already ({old.__qualname__})")
+        cls.name = name  # type: ignore[attr-defined]
+        cls.personalized = personalized  # type: ignore[attr-defined]
+        AGGREGATORS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_aggregators() -> tuple[str, ...]:
+    """The registered aggregator names, in registry order."""
+    return tuple(AGGREGATORS)
+
+
+def get_aggregator(name: str, **params: Any) -> Aggregator:
+    """Builds an aggregator by name.
+
+    Args:
+        name: A registered name (:func:`available_aggregators`).
+        **params: The method's constructor parameters (``aggregation.params.<name>``).
+
+    Returns:
+        The aggregator.
+
+    Raises:
+        ValueError: On an unknown name (the message lists the valid names) or parameters the method does
+            not take.
+    """
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; valid names: {', '.join(AGGREGATORS)}")
+    try:
+        return AGGREGATORS[name](**params)
+    except TypeError as exc:  # an unexpected keyword: say which method and which parameters
+        raise ValueError(f"bad parameters {sorted(params)} for aggregator {name!r}: {exc}") from exc

@@ -27,7 +27,7 @@ from clair_ray.aggregators._common import (
     global_output,
     non_finite_clients,
 )
-from clair_ray.aggregators.base import AggContext, AggOutput
+from clair_ray.aggregators.base import AggContext, AggOutput, register_aggregator
 
 __all__ = [
     "FedAvg",
@@ -151,6 +151,7 @@ def geometric_median(
 # ---------------------------------------------------------------------------------------------------------
 
 
+@register_aggregator("fedavg")
 class FedAvg:
     """FedAvg: the mean of the finite updates, given to every client.
 
@@ -159,8 +160,6 @@ class FedAvg:
             (proportional to its sample count n_k when noise_scale = 1/sqrt(n_k), as in FedAvg proper).
             Default False: the plain mean.
     """
-
-    name = "fedavg"
 
     def __init__(self, weighted: bool = False) -> None:
         self.weighted = bool(weighted)
@@ -183,10 +182,9 @@ class FedAvg:
         return global_output(updates, mask, agg)
 
 
+@register_aggregator("local", personalized=True)
 class Local:
     """No aggregation: every client keeps its own update (non-finite ones are still flagged)."""
-
-    name = "local"
 
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
         """Returns the inputs."""
@@ -196,10 +194,9 @@ class Local:
         return AggOutput(per_client=updates.clone(), flagged=list(reasons), reasons=reasons)
 
 
+@register_aggregator("median")
 class Median:
     """Coordinate-wise median of the finite updates (Yin et al. 2018), given to every client."""
-
-    name = "median"
 
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
         """Takes the coordinate-wise median."""
@@ -209,10 +206,9 @@ class Median:
         return global_output(updates, mask, agg)
 
 
+@register_aggregator("trimmed_mean")
 class TrimmedMean:
     """Coordinate-wise trimmed mean (Yin et al. 2018), trimming ``ctx.n_attackers`` from each side."""
-
-    name = "trimmed_mean"
 
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
         """Takes the trimmed mean.
@@ -231,6 +227,7 @@ class TrimmedMean:
         return global_output(updates, mask, trimmed_mean(updates[mask], f))
 
 
+@register_aggregator("multi_krum")
 class MultiKrum:
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018).
 
@@ -238,8 +235,6 @@ class MultiKrum:
     distances to its N - f - 2 nearest others), keeps the m = N - f lowest scores (ties: lower client id)
     and gives every client their mean. The others are flagged with their score.
     """
-
-    name = "multi_krum"
 
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
         """Selects and averages by Krum score.
@@ -272,6 +267,7 @@ class MultiKrum:
         return global_output(updates, mask, agg, flagged=flagged, scores=scores)
 
 
+@register_aggregator("geometric_median")
 class GeometricMedian:
     """Geometric median of the finite updates (RFA), by smoothed Weiszfeld, given to every client.
 
@@ -283,8 +279,6 @@ class GeometricMedian:
     The output's ``scores`` are each client's distance to the geometric median (nothing is flagged
     besides non-finite clients: the method down-weights, it does not exclude).
     """
-
-    name = "geometric_median"
 
     def __init__(self, max_iter: int = 200, tol: float = 1e-10, smoothing: float = 1e-12) -> None:
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -311,6 +305,7 @@ class GeometricMedian:
         return global_output(updates, mask, gm, scores=scores)
 
 
+@register_aggregator("oracle", personalized=True)
 class Oracle:
     """CLAIR's refinement with the true honest set C and the true subspace U (an upper bound for CLAIR).
 
@@ -320,8 +315,6 @@ class Oracle:
     flagged with reason "oracle" and keep their input. ``ctx.true_subspace`` is orthonormalised (QR) first,
     so any basis of U works.
     """
-
-    name = "oracle"
 
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
         """Refines the honest clients with the true C and U.

@@ -7,11 +7,12 @@ from typing import Any
 import torch
 
 from clair_ray.aggregators._common import check_updates
-from clair_ray.aggregators.base import AggContext, AggOutput
+from clair_ray.aggregators.base import AggContext, AggOutput, register_aggregator
 
 __all__ = ["Clair"]
 
 
+@register_aggregator("clair", personalized=True)
 class Clair:
     """CLAIR (DESIGN.md section 1): shared subspace, contaminated set, and refined honest updates.
 
@@ -28,8 +29,6 @@ class Clair:
     Args:
         **params: Default keyword arguments for ``clair_ray.clair`` (``ctx.params`` wins on conflicts).
     """
-
-    name = "clair"
 
     def __init__(self, **params: Any) -> None:
         reserved = sorted({"rank", "offset", "seed", "noise_scale"} & set(params))

@@ -1,19 +1,11 @@
-"""Ray engine: client actors, aggregator actor, round loop, checkpoints.
+"""The Ray engine: client actors, the aggregator actor, the round loop, checkpoints.
 
-``run_experiment(cfg)`` runs a config end to end. The names are loaded lazily so that light modules
-(``engine.seeds``, used by the workloads) do not import Ray and the actor classes.
+Ray plumbing only: it calls a workload through the contract of :mod:`clair_ray.workloads.base` and never
+looks inside updates, models or metrics. ``run_experiment(cfg)`` runs a config end to end.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from clair_ray.engine.runner import EngineError, RunResult, SimulatedCrash, run_experiment
 
-__all__ = ["EngineError", "RunResult", "run_experiment"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from clair_ray.engine import runner
-
-        return getattr(runner, name)
-    raise AttributeError(f"module 'clair_ray.engine' has no attribute {name!r}")
+__all__ = ["EngineError", "RunResult", "SimulatedCrash", "run_experiment"]

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,17 @@ import pandas as pd
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from clair_ray import results
-from clair_ray.config import ExperimentConfig, fingerprint, to_dict, to_yaml
-from clair_ray.engine import checkpoint, seeds
-from clair_ray.engine.aggregate import AggregatorActor
-from clair_ray.engine.client import ClientActor
+from clair_ray import results, seeds
+from clair_ray.config import ExperimentConfig, fingerprint, plugin_paths, to_dict, to_yaml
+from clair_ray.engine import checkpoint
+from clair_ray.engine.actors import AggregatorActor, ClientActor
+from clair_ray.engine.session import EngineError, check_resources, ray_session
 from clair_ray.workloads import get_workload
+
+__all__ = ["EngineError", "RunResult", "SimulatedCrash", "run_experiment"]
 
 log = logging.getLogger("clair_ray.engine")
 SHARED = "*"  # the group name when every method shares the round's updates (the first round)
-
-
-class EngineError(RuntimeError):
-    """The run cannot go on (too few clients, an actor gone for good, a timeout, bad resources)."""
 
 
 class SimulatedCrash(EngineError):
@@ -86,53 +83,6 @@ class _Batch:
     upd_ref: Any = None
 
 
-@contextlib.contextmanager
-def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
-    """Uses a running Ray if this process already has one, else attaches or starts one, and stops it."""
-    if ray.is_initialized():  # the caller (a test fixture, a Tune trial) owns Ray
-        yield
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        # Connecting: Ray forbids local resource arguments (RAY-NOTES "Cluster and jobs").
-        ray.init(address=cfg.ray.address, logging_level="ERROR")
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # address="local": without it ray.init() joins whatever `ray start` cluster
-        # /tmp/ray/ray_current_cluster names (even a stale one) and then rejects num_cpus.
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            num_gpus=cfg.ray.num_gpus,
-            object_store_memory=None if cfg.ray.object_store_mb is None else cfg.ray.object_store_mb * 2**20,
-            include_dashboard=cfg.ray.include_dashboard,
-            logging_level="ERROR",
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def check_resources(cfg: ExperimentConfig) -> None:
-    """Fails fast when the actors cannot all be placed (they would pend for ever otherwise)."""
-    e = cfg.engine
-    have = ray.cluster_resources()
-    need_cpu = e.num_actors * e.actor_num_cpus + e.aggregator_num_cpus
-    if need_cpu > have.get("CPU", 0.0) + 1e-9:
-        raise EngineError(
-            f"engine.num_actors={e.num_actors} x engine.actor_num_cpus={e.actor_num_cpus} + "
-            f"engine.aggregator_num_cpus={e.aggregator_num_cpus} = {need_cpu:g} CPUs, but the Ray cluster "
-            f"has {have.get('CPU', 0.0):g}: lower them (fractions are allowed) or add CPUs"
-        )
-    need_gpu = e.num_actors * e.actor_num_gpus
-    if need_gpu > have.get("GPU", 0.0) + 1e-9:
-        raise EngineError(
-            f"engine.num_actors={e.num_actors} x engine.actor_num_gpus={e.actor_num_gpus} = {need_gpu:g} "
-            f"GPUs, but the Ray cluster has {have.get('GPU', 0.0):g}"
-        )
-
-
 class Runner:
     """One experiment run (use :func:`run_experiment`)."""
 
@@ -150,6 +100,8 @@ class Runner:
         self.agg: Any = None
         self.pids: list[int] = []
         self.workload = get_workload(cfg)
+        self.columns = self.workload.columns
+        self.plugin_dirs = plugin_paths(list(cfg.plugins))
 
     # ---- actors ---------------------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -160,12 +112,12 @@ class Runner:
                 num_gpus=e.actor_num_gpus,
                 max_restarts=e.max_restarts,
                 max_task_retries=0,  # we re-submit ourselves, so we can count and log restarts
-            ).remote(cfg_dict, i)
+            ).remote(cfg_dict, i, self.plugin_dirs)
             for i in range(e.num_actors)
         ]
         self.agg = AggregatorActor.options(
             num_cpus=e.aggregator_num_cpus, max_restarts=e.max_restarts
-        ).remote(cfg_dict)
+        ).remote(cfg_dict, self.plugin_dirs)
         try:
             infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout)
         except GetTimeoutError as exc:
@@ -263,7 +215,7 @@ class Runner:
         return out
 
     def run_round(self, trial: int, round_: int, starts_ref: Any) -> Any:
-        """Trains, aggregates and records one round; returns the ref of the next round's models."""
+        """Trains, aggregates and records one round; returns the ref of the next round's starts."""
         t0 = time.perf_counter()
         methods = list(self.cfg.aggregation.methods)
         groups = [SHARED] if starts_ref is None else methods
@@ -271,7 +223,6 @@ class Runner:
         K = self.cfg.workload.num_clients
         train_meta: dict[str, dict[int, dict[str, Any]]] = {}
         payload = []
-        noise = {"noise_level": np.full(K, np.nan), "noise_scale": np.full(K, np.nan)}
         for g in groups:
             by_client = {m["client_id"]: m for _, metas, _ in trained[g] for m in metas}
             train_meta[g] = by_client
@@ -294,23 +245,26 @@ class Runner:
                     f"trial {trial} round {round_}: only {reported} of {K} clients reported "
                     f"(engine.min_clients={self.cfg.engine.min_clients}); dropped: {dropped}"
                 )
-            for k, m in by_client.items():
-                if m["ok"] and not np.isfinite(noise["noise_level"][k]):
-                    noise["noise_level"][k] = m["noise_level"]
-                    noise["noise_scale"][k] = m["noise_scale"]
+            batches = []
+            for _, metas, ref in trained[g]:
+                ids = [m["client_id"] for m in metas if m["trained"]]
+                if ids:  # a batch whose whole call failed sent no payload
+                    batches.append((ids, ref))
             payload.append(
                 {
                     "methods": methods if g == SHARED else [g],
                     "dropped": dropped,
-                    "batches": [(ids, ref) for ids, _, ref in trained[g]],
+                    "info": {k: m for k, m in by_client.items() if m["ok"]},
+                    "batches": batches,
                 }
             )
         t_train = time.perf_counter() - t0
         box = [] if starts_ref is None else [starts_ref]
-        agg_meta, next_ref, plan_ref = self._aggregate(trial, round_, payload, noise, box)
+        summary, next_ref, plan_ref = self._aggregate(trial, round_, payload, box)
+        agg_meta = summary["methods"]
         t_eval = time.perf_counter()
-        if self._plan_pending(agg_meta):
-            self.evaluate_round(trial, round_, plan_ref, agg_meta)
+        if summary["eval_clients"]:
+            self.evaluate_round(trial, round_, plan_ref, summary["eval_clients"], agg_meta)
         eval_wall = time.perf_counter() - t_eval
         round_s = time.perf_counter() - t0
         busy: dict[int, float] = {}  # actor -> seconds inside training calls (train_s is per client)
@@ -318,14 +272,9 @@ class Runner:
             for m in train_meta[g].values():
                 busy[m["actor_id"]] = busy.get(m["actor_id"], 0.0) + float(m["train_s"])
         client_s = max(busy.values(), default=0.0)
-        eval_s = sum(float(agg_meta[m].get("eval_s", 0.0)) for m in methods)  # inside the aggregator
+        eval_s = sum(float(agg_meta[m].eval_s) for m in methods)  # inside the aggregator
         # The aggregator's whole compute (attacks, truth metrics, methods) counts as aggregation.
-        total = agg_meta[methods[0]].get("aggregator_s")
-        agg_s = (
-            (float(total) - eval_s)
-            if total is not None
-            else sum(float(agg_meta[m]["agg_s"]) for m in methods)
-        )
+        agg_s = float(summary["aggregator_s"]) - eval_s
         eval_s += eval_wall
         self.timings.append(
             {
@@ -340,46 +289,7 @@ class Runner:
                 "orchestration_s": round_s - client_s - agg_s - eval_s,
             }
         )
-        prob_attack = self._attack_labels(trial)
-        for method in methods:
-            g = SHARED if starts_ref is None else method
-            am = agg_meta[method]
-            self.extras[(trial, method, round_)] = {
-                "subspace_error": am["subspace_error"],
-                "agg_s": am["agg_s"],
-                "round_s": round_s,
-            }
-            for k in range(K):
-                tm = train_meta[g][k]
-                self.rows.append(
-                    {
-                        "trial": trial,
-                        "method": method,
-                        "round": round_,
-                        "client_id": k,
-                        "contaminated": k in prob_attack,
-                        "attack": prob_attack.get(k, ""),
-                        "detectable": bool(am["detectable"][k]),
-                        "dropped": bool(am["dropped"][k]),
-                        "flagged": bool(am["flagged"][k]),
-                        "reason": am["reason"][k],
-                        "error": float(am["error"][k]),
-                        "test_mse": float(am["test_mse"][k]),
-                        # LM workloads only (NaN for the linear workload).
-                        "test_loss": float(am["test_loss"][k]) if "test_loss" in am else float("nan"),
-                        "exact_match": float(am["exact_match"][k]) if "exact_match" in am else float("nan"),
-                        "token_accuracy": (
-                            float(am["token_accuracy"][k]) if "token_accuracy" in am else float("nan")
-                        ),
-                        "update_norm": float(am["update_norm"][k]),
-                        "off_subspace": float(am["off_subspace"][k]),
-                        "noise_level": float(noise["noise_level"][k]),
-                        "n_samples": int(tm["n_samples"]),
-                        "bytes_sent": int(tm["bytes_sent"]),
-                        "actor_id": int(tm["actor_id"]),
-                        "train_s": float(tm["train_s"]),
-                    }
-                )
+        self._record(trial, round_, methods, groups, agg_meta, train_meta, round_s)
         n_drop = len(payload[0]["dropped"])
         self.progress(
             f"trial {trial} round {round_ + 1}/{self._rounds()}: {K - n_drop}/{K} clients"
@@ -387,6 +297,55 @@ class Runner:
             f"aggregate {round_s - t_train:.1f}s"
         )
         return next_ref
+
+    def _record(
+        self,
+        trial: int,
+        round_: int,
+        methods: list[str],
+        groups: list[str],
+        agg_meta: dict[str, Any],
+        train_meta: dict[str, dict[int, dict[str, Any]]],
+        round_s: float,
+    ) -> None:
+        """One client row per (method, client) in client-id order: the core columns and the workload's."""
+        plan = self.workload.contamination(trial)
+        own = [c.name for c in self.columns if c.level == "client"]
+        scalars = [c.name for c in self.columns if c.level == "method"]
+        K = self.cfg.workload.num_clients
+        for method in methods:
+            g = groups[0] if groups == [SHARED] else method
+            am = agg_meta[method]
+            self.extras[(trial, method, round_)] = {
+                **{c: float(am.scalars.get(c, np.nan)) for c in scalars},
+                "agg_s": am.agg_s,
+                "round_s": round_s,
+            }
+            for k in range(K):
+                tm = train_meta[g].get(k, {})
+                row: dict[str, Any] = {
+                    "trial": trial,
+                    "method": method,
+                    "round": round_,
+                    "client_id": k,
+                    "contaminated": k in plan.attack,
+                    "attack": plan.attack.get(k, ""),
+                    "detectable": bool(am.detectable[k]),
+                    "dropped": bool(am.dropped[k]),
+                    "flagged": bool(am.flagged[k]),
+                    "reason": am.reason[k],
+                }
+                row.update({c: am.metrics[c][k].item() if c in am.metrics else np.nan for c in own})
+                row.update(
+                    {
+                        "update_norm": float(am.update_norm[k]),
+                        "n_samples": int(tm.get("n_samples", 0)),
+                        "bytes_sent": int(tm.get("bytes_sent", 0)),
+                        "actor_id": int(tm.get("actor_id", -1)),
+                        "train_s": float(tm.get("train_s", np.nan)),
+                    }
+                )
+                self.rows.append(row)
 
     def _next_ready(self, pending: dict[Any, Any], what: str) -> Any:
         """The first of ``pending``'s refs to finish; EngineError after ``engine.call_timeout_s``."""
@@ -397,18 +356,15 @@ class Runner:
             )
         return ready[0]
 
-    @staticmethod
-    def _plan_pending(agg_meta: dict[str, dict[str, Any]]) -> bool:
-        return any("eval_clients" in m for m in agg_meta.values())
+    def evaluate_round(
+        self, trial: int, round_: int, plan_ref: Any, clients: list[int], agg_meta: dict
+    ) -> None:
+        """Held-out evaluation on the client actors under the aggregator's plan, written into ``agg_meta``.
 
-    def evaluate_round(self, trial: int, round_: int, plan_ref: Any, agg_meta: dict[str, dict]) -> None:
-        """Held-out evaluation on the client actors (LoRA workloads), written into ``agg_meta``.
-
-        Every method's clients are cut into batches by client id (``engine.batch_size``), batch b to actor
-        b mod A, each call evaluating its clients under every method on the actor's resident model. A
-        call whose actor died is re-submitted (the actor restarts), like training.
+        The plan's clients are cut into batches by client id (``engine.batch_size``), batch b to actor
+        b mod A, each call evaluating its clients under every method on the actor's resident state. A call
+        whose actor died is re-submitted (the actor restarts), like training.
         """
-        clients = sorted({k for m in agg_meta.values() for k in m.get("eval_clients", [])})
         bs, A = self.cfg.engine.batch_size, len(self.actors)
         batches = [clients[i : i + bs] for i in range(0, len(clients), bs)]
         tries = dict.fromkeys(range(len(batches)), 0)
@@ -425,6 +381,9 @@ class Runner:
                 tries[i] += 1
                 if tries[i] > self.cfg.engine.max_restarts:
                     raise EngineError(f"evaluation of clients {batches[i]} failed: {exc}") from exc
+                log.warning(
+                    "client actor %d died evaluating trial %d round %d; re-submitting", i % A, trial, round_
+                )
                 time.sleep(0.5)  # the actor is restarting
                 refs[self.actors[i % A].evaluate_from.remote(trial, [plan_ref], batches[i], self.timeout)] = i
                 continue
@@ -432,19 +391,20 @@ class Runner:
                 cause = str(exc.as_instanceof_cause()).strip().splitlines()[-1]
                 raise EngineError(f"evaluation of clients {batches[i]} failed: {cause}") from exc
             for method, r in out.items():
-                if method.startswith("_"):
-                    continue
-                m = agg_meta[method]
+                metrics = agg_meta[method].metrics
                 for name, values in r.items():
                     if name == "clients":
                         continue
-                    m[name] = np.array(m[name], dtype=float, copy=True)
-                    m[name][r["clients"]] = values
+                    col = np.array(
+                        metrics.get(name, np.full(self.cfg.workload.num_clients, np.nan)), dtype=float
+                    )
+                    col[r["clients"]] = values
+                    metrics[name] = col
 
-    def _aggregate(self, trial: int, round_: int, payload: list, noise: dict, box: list) -> tuple:
+    def _aggregate(self, trial: int, round_: int, payload: list, box: list) -> tuple:
         for attempt in range(self.cfg.engine.max_restarts + 1):
             meta_ref, next_ref, plan_ref = self.agg.aggregate.options(num_returns=3).remote(
-                trial, round_, payload, noise, box, self.timeout
+                trial, round_, payload, box, self.timeout
             )
             try:
                 return ray.get(meta_ref, timeout=self.timeout), next_ref, plan_ref
@@ -467,22 +427,15 @@ class Runner:
             f"aggregator actor died more than engine.max_restarts={self.cfg.engine.max_restarts} times"
         )
 
-    def _attack_labels(self, trial: int) -> dict[int, str]:
-        # The driver labels its rows with the contaminated set: the same seeded rule the actors use
-        # (building the problem is cheap; client data is never generated here).
-        return self.workload.problem(trial).attack
-
     def _rounds(self) -> int:
-        return 1 if self.cfg.workload.mode == "one_shot" else self.cfg.workload.rounds
+        return self.cfg.workload.n_rounds
 
     # ---- whole run ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg, rounds = self.cfg, self._rounds()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-        prepare = getattr(self.workload, "prepare", None)
-        if prepare is not None:  # e.g. build the cached base model once, before any actor loads it
-            prepare(self.progress)
+        self.workload.prepare(self.progress)  # e.g. build a cached base model once, before any actor
         fp = fingerprint(cfg)
         trial0, round0, starts = 0, 0, None
         if cfg.resume:
@@ -541,10 +494,10 @@ class Runner:
             raise SimulatedCrash(f"engine.debug_stop_after_round={round_}: stopping after the checkpoint")
 
     def finish(self) -> RunResult:
-        clients_t = results.table(self.rows, results.CLIENT_SCHEMA)
+        clients_t = results.table(self.rows, results.client_schema(self.columns))
         clients = clients_t.to_pandas()
-        summary_rows, detection_rows = results.summarize(clients, self.extras)
-        summary_t = results.table(summary_rows, results.SUMMARY_SCHEMA)
+        summary_rows, detection_rows = results.summarize(clients, self.extras, self.columns)
+        summary_t = results.table(summary_rows, results.summary_schema(self.columns))
         detection_t = results.table(detection_rows, results.DETECTION_SCHEMA)
         results.write_tables(
             self.out_dir, {"clients": clients_t, "summary": summary_t, "detection": detection_t}

@@ -1,4 +1,4 @@
-"""Linear-regression workload: the setting in which CLAIR's theory is stated.
+"""Linear-regression workload: the setting in which CLAIR's theory is stated, with its own round.
 
 Client k holds X_k (n_k × p, standard normal rows) and Y_k = X_k W_k + σ Z_k with
 W_k = W_0 + U V_kᵀ (p × q): U (p × r) orthonormal and shared by everyone, V_k = V̄ + h·G_k its own
@@ -6,24 +6,131 @@ W_k = W_0 + U V_kᵀ (p × q): U (p × r) orthonormal and shared by everyone, V_
 estimate M_k = W_k + E_k. Multi-round mode: ``local_steps`` full-batch gradient steps from the model the
 client continues from.
 
-Everything here is a deterministic function of (config, root seed, trial, round, client), so an actor
-restarted from scratch rebuilds exactly the same problem and data; nothing in this module is mutable
-per-client state (that lives in the driver: the model each client continues from).
+A client batch's payload is the (B, p, q) float64 array of its updates. The round (aggregator actor):
+
+1. applies the contaminated clients' update attacks after every honest update of the round exists (ALIE
+   and IPM are omniscient); each attack draws from its own (trial, round, client) seed;
+2. excludes dropouts and non-finite updates (the latter flagged "non-finite"), so no NaN reaches a method;
+3. runs each configured aggregator on the remaining clients and maps the results back to client ids;
+4. computes per-client metrics against the truth (error, held-out MSE, energy outside U, detectability).
+
+Everything is a deterministic function of (config, root seed, trial, round, client), so an actor
+restarted from scratch rebuilds exactly the same problem and data; the models clients continue from
+travel with every call (the round's ``nexts``), never kept here.
 """
 
 from __future__ import annotations
 
+import math
+import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from clair_ray import attacks
-from clair_ray.config import ExperimentConfig
-from clair_ray.engine import seeds
+from clair_ray import attacks, seeds
+from clair_ray.aggregators import AggContext, get_aggregator
+from clair_ray.workloads.base import (
+    ClientJob,
+    Column,
+    Group,
+    MethodRound,
+    RoundOutput,
+    TrainOutput,
+    Workload,
+    WorkloadConfig,
+    check_fields,
+    register_workload,
+)
 
-DTYPE = torch.float64  # small exact problems: float64 throughout (DESIGN.md §1)
+if TYPE_CHECKING:
+    from clair_ray.config import ExperimentConfig
+
+__all__ = ["LinearConfig", "LinearProblem", "LinearWorkload", "MethodError"]
+
+DTYPE = torch.float64  # small exact problems: float64 throughout
+NON_FINITE = "non-finite"
+
+
+class MethodError(RuntimeError):
+    """An aggregation method failed (its message says which, where, and why)."""
+
+
+@dataclass
+class LinearConfig(WorkloadConfig):
+    """The linear-regression workload (``workload.name: linear``): Y_k = X_k W_k + noise,
+    W_k = W_0 + U V_kᵀ.
+
+    Attributes:
+        p: Rows of W (input features of the regression; the shared side, U is p × r).
+        q: Columns of W (outputs).
+        true_rank: r, the rank of the true shared subspace U the data are drawn from (CLAIR's own rank is
+            ``aggregation.rank``).
+        signal_scale: Standard deviation of the entries of the common V̄.
+        heterogeneity: Spread of honest V_k around V̄ (V_k = V̄ + heterogeneity · G_k); 0 = all alike.
+        n_median: Median client sample size n_k.
+        quantity_skew: Log-normal sigma of n_k around n_median (0: every client has n_median samples).
+        n_min: Smallest allowed n_k (at least p + 2 so OLS is defined with finite noise).
+        noise_std: Noise standard deviation σ of Y.
+        base_scale: Entry std of the common offset W_0 (0: no offset; > 0: CLAIR runs with offset=True).
+        local_steps: Full-batch gradient steps per round in multi-round mode.
+        lr: Gradient step size in multi-round mode.
+        truth_factor: A contaminated client counts as detectable when its update's energy outside U
+            exceeds this multiple of its own noise level there. An honest client's ratio is a chi-type
+            variable with (p - r)·q degrees of freedom, 1 ± 0.03 for the default shapes, so 1.2 is far
+            above any honest fluctuation yet still counts a weak ALIE attacker (about 1.3) as visible.
+    """
+
+    name: str = "linear"
+    p: int = 64
+    q: int = 16
+    true_rank: int = 4
+    signal_scale: float = 1.0
+    heterogeneity: float = 0.5
+    n_median: int = 200
+    quantity_skew: float = 0.0
+    n_min: int = 80
+    noise_std: float = 0.5
+    base_scale: float = 0.0
+    local_steps: int = 5
+    lr: float = 0.3
+    truth_factor: float = 1.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (getattr(self, k) >= 1, k, getattr(self, k), "must be >= 1") for k in ("p", "q", "true_rank")
+        ]
+        checks += [
+            (
+                self.true_rank <= min(self.p, self.q),
+                "true_rank",
+                self.true_rank,
+                f"must be <= min(p, q) = {min(self.p, self.q)}",
+            ),
+            (
+                self.n_min >= self.p + 2,
+                "n_min",
+                self.n_min,
+                f"must be >= p + 2 = {self.p + 2} (OLS needs n > p)",
+            ),
+            (
+                self.n_median >= self.n_min,
+                "n_median",
+                self.n_median,
+                f"must be >= workload.n_min={self.n_min}",
+            ),
+            (self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1"),
+            (0 < self.lr < 2, "lr", self.lr, "must be in (0, 2) (gradient steps on whitened inputs)"),
+            (self.truth_factor > 0, "truth_factor", self.truth_factor, "must be > 0"),
+        ]
+        for key in ("signal_scale", "heterogeneity", "quantity_skew", "noise_std", "base_scale"):
+            v = getattr(self, key)
+            checks.append((math.isfinite(v) and v >= 0, key, v, "must be finite and >= 0"))
+        check_fields("workload", checks)
 
 
 @dataclass
@@ -35,43 +142,49 @@ class LinearProblem:
         W0: (p, q) common offset (zeros when ``base_scale`` is 0).
         W: (K, p, q) every client's true matrix W_0 + U V_kᵀ.
         n: (K,) client sample sizes.
-        contaminated: Sorted contaminated client ids.
-        attack: Client id -> attack kind, for contaminated clients.
     """
 
     U: torch.Tensor
     W0: torch.Tensor
     W: torch.Tensor
     n: np.ndarray
-    contaminated: list[int]
-    attack: dict[int, str]
-
-    def is_data_attack(self, k: int) -> bool:
-        """Whether client k's contamination corrupts its data (else it attacks its update)."""
-        return k in self.attack and attacks.is_data_attack(self.attack[k])
 
 
-class LinearWorkload:
-    """Builds problems and trains virtual clients of the linear workload.
+@register_workload("linear")
+class LinearWorkload(Workload):
+    """Builds problems, trains virtual clients and runs the round of the linear workload.
 
-    One instance per actor; problems and client data are cached per trial, which is safe because they
-    are pure functions of the seeds.
+    One instance per process; problems and client data are cached, which is safe because they are pure
+    functions of the seeds.
     """
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        """Stores the config.
+    config_class = LinearConfig
+    columns = (
+        Column("error", honest_mean=True),  # ‖W̃_k − W_k‖_F of the model the client ends the round with
+        Column("test_mse", honest_mean=True),  # held-out MSE per output (exact, no sampling)
+        Column("off_subspace"),  # ‖P_U⊥(update − W_0)‖_F
+        Column("noise_level"),  # the client's noise level outside U (detection truth)
+        Column("subspace_error", level="method"),  # ‖ÛÛᵀ − UUᵀ‖_F, NaN if the method has no subspace
+    )
 
-        Args:
-            cfg: The validated experiment config.
-        """
-        self.cfg = cfg
-        self.w = cfg.workload
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self.w: LinearConfig = cfg.workload  # type: ignore[assignment]
         self._problems: dict[int, LinearProblem] = {}
         # A few batches' worth of client data (train and noise_level both read it), not every client's:
         # caching all of them made an actor's memory grow with K (1.35 GiB at K = 10,000); regenerating a
         # client's data from its seed costs tens of microseconds.
         self._data: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._data_cap = 2 * cfg.engine.batch_size
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Method names, attacks, and CLAIR's rank against the problem's shape."""
+        super().check(cfg)
+        w, rank = cfg.workload, cfg.aggregation.rank
+        assert isinstance(w, LinearConfig)
+        ok = rank is None or 1 <= rank <= min(w.p, w.q)
+        check_fields("aggregation", [(ok, "rank", rank, "must be in [1, min(p, q)]")])
 
     # ---- truth ----------------------------------------------------------------------------------------
     def problem(self, trial: int) -> LinearProblem:
@@ -83,7 +196,7 @@ class LinearWorkload:
     def _build_problem(self, trial: int) -> LinearProblem:
         w, root = self.w, self.cfg.seed
         g = seeds.torch_generator(seeds.derive_seed(root, seeds.PROBLEM, trial))
-        K, p, q, r = w.num_clients, w.p, w.q, w.r
+        K, p, q, r = w.num_clients, w.p, w.q, w.true_rank
         U, _ = torch.linalg.qr(torch.randn(p, r, generator=g, dtype=DTYPE))  # (p, r)
         vbar = w.signal_scale * torch.randn(q, r, generator=g, dtype=DTYPE)  # (q, r)
         V = vbar + w.heterogeneity * torch.randn(K, q, r, generator=g, dtype=DTYPE)  # (K, q, r)
@@ -91,11 +204,7 @@ class LinearWorkload:
         W = W0 + torch.einsum("pr,kqr->kpq", U, V)  # (K, p, q)
         z = torch.randn(K, generator=g, dtype=DTYPE).numpy()
         n = np.maximum(np.round(w.n_median * np.exp(w.quantity_skew * z)), w.n_min).astype(np.int64)
-        sel_seed = seeds.derive_seed(root, seeds.SELECT, trial)
-        contaminated = sorted(attacks.select_contaminated(K, self.cfg.contamination.fraction, sel_seed))
-        mix = {k: float(v) for k, v in self.cfg.contamination.mix.items() if v > 0}
-        attack = dict(attacks.assign_attacks(contaminated, mix, sel_seed)) if contaminated else {}
-        return LinearProblem(U=U, W0=W0, W=W, n=n, contaminated=contaminated, attack=attack)
+        return LinearProblem(U=U, W0=W0, W=W, n=n)
 
     def client_data(self, trial: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client k's (X, Y), with its data contamination applied; (n_k, p), (n_k, q)."""
@@ -108,48 +217,14 @@ class LinearWorkload:
             Y = X @ prob.W[k] + self.w.noise_std * torch.randn(
                 n, self.w.q, generator=g, dtype=DTYPE
             )  # (n, q)
-            if prob.is_data_attack(k):
-                kind = prob.attack[k]
+            plan = self.contamination(trial)
+            if plan.is_data_attack(k):
+                kind = plan.attack[k]
                 Y = attacks.corrupt_targets(kind, Y, g, **self.cfg.contamination.params.get(kind, {}))
             self._data[key] = (X, Y)
             while len(self._data) > self._data_cap:
                 self._data.popitem(last=False)
         return self._data[key]
-
-    # ---- client work ----------------------------------------------------------------------------------
-    def train(
-        self, trial: int, round_: int, k: int, start: np.ndarray | None
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """Client k's local update for this round.
-
-        Args:
-            trial: Trial index.
-            round_: Round index.
-            k: Client id.
-            start: (p, q) model the client continues from (None: zeros, the first round).
-
-        Returns:
-            The (p, q) update (the client's local estimate M_k) and two numbers: ``noise_scale``, the
-            relative noise level the client reports with its update, sqrt(tr((X_kᵀX_k)⁻¹)) (computable from
-            its own inputs alone; exactly proportional to its OLS error, unlike 1/sqrt(n_k) when n_k is
-            close to p), and ``noise_level``, the truth's expected ‖P_U⊥ E_k‖_F (detection ground truth
-            only; it uses U and σ, which no method sees).
-        """
-        X, Y = self.client_data(trial, k)
-        n = X.shape[0]
-        if self.w.mode == "one_shot":
-            # gelsd: the default CPU driver (gelsy) is not bitwise reproducible run to run (measured).
-            M = torch.linalg.lstsq(X, Y, driver="gelsd").solution  # (p, q)
-        else:
-            M = (
-                torch.zeros(self.w.p, self.w.q, dtype=DTYPE)
-                if start is None
-                else torch.from_numpy(start).clone()
-            )
-            for _ in range(self.w.local_steps):
-                M -= self.w.lr * (X.T @ (X @ M - Y)) / n
-        scale = float(torch.sqrt(torch.trace(torch.linalg.inv(X.T @ X))))
-        return M.numpy(), {"noise_scale": scale, "noise_level": self.noise_level(trial, k)}
 
     def noise_level(self, trial: int, k: int) -> float:
         """sqrt(E‖P_U⊥ E_k‖_F²) = σ sqrt(q · tr(P_U⊥ (XᵀX)⁻¹)) for client k's OLS error E_k."""
@@ -159,7 +234,6 @@ class LinearWorkload:
         tr = torch.trace(G) - torch.trace(U.T @ G @ U)
         return float(self.w.noise_std * torch.sqrt(self.w.q * tr.clamp_min(0.0)))
 
-    # ---- metrics --------------------------------------------------------------------------------------
     def errors(self, trial: int, per_client: torch.Tensor) -> dict[str, np.ndarray]:
         """Per-client metrics of the models clients end up with.
 
@@ -189,6 +263,188 @@ class LinearWorkload:
         Uh = subspace.to(DTYPE)
         return float(torch.linalg.matrix_norm(Uh @ Uh.T - U @ U.T))
 
+    # ---- client work ----------------------------------------------------------------------------------
+    def train(self, trial: int, k: int, start: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
+        """Client k's local update for this round.
+
+        Args:
+            trial: Trial index.
+            k: Client id.
+            start: (p, q) model the client continues from (None: zeros, the first round).
+
+        Returns:
+            The (p, q) update (the client's local estimate M_k) and two numbers: ``noise_scale``, the
+            relative noise level the client reports with its update, sqrt(tr((X_kᵀX_k)⁻¹)) (computable from
+            its own inputs alone; exactly proportional to its OLS error, unlike 1/sqrt(n_k) when n_k is
+            close to p), and ``noise_level``, the truth's expected ‖P_U⊥ E_k‖_F (detection ground truth
+            only; it uses U and σ, which no method sees).
+        """
+        X, Y = self.client_data(trial, k)
+        n = X.shape[0]
+        if self.w.mode == "one_shot":
+            # gelsd: the default CPU driver (gelsy) is not bitwise reproducible run to run (measured).
+            M = torch.linalg.lstsq(X, Y, driver="gelsd").solution  # (p, q)
+        else:
+            M = (
+                torch.zeros(self.w.p, self.w.q, dtype=DTYPE)
+                if start is None
+                else torch.from_numpy(start).clone()
+            )
+            for _ in range(self.w.local_steps):
+                M -= self.w.lr * (X.T @ (X @ M - Y)) / n
+        scale = float(torch.sqrt(torch.trace(torch.linalg.inv(X.T @ X))))
+        return M.numpy(), {"noise_scale": scale, "noise_level": self.noise_level(trial, k)}
+
+    def train_batch(self, trial: int, round_: int, jobs: list[ClientJob], start: Any) -> TrainOutput:
+        """Each job's OLS fit (one-shot) or gradient steps (multi-round); a client that raises drops out.
+
+        ``start`` is the trajectory's (K, p, q) models, indexed by client id (None in the first round).
+        """
+        del round_
+        p, q = self.w.p, self.w.q
+        updates = np.full((len(jobs), p, q), np.nan)  # (B, p, q)
+        info: list[dict[str, Any]] = []
+        failed: dict[int, str] = {}
+        for i, job in enumerate(jobs):
+            k = job.client_id
+            row: dict[str, Any] = {"n_samples": int(self.problem(trial).n[k]), "bytes_sent": 0}
+            try:
+                upd, extra = self.train(trial, k, None if start is None else np.array(start[k]))
+                updates[i] = upd
+                row.update(extra, bytes_sent=int(updates[i].nbytes))
+            except Exception:  # a client's failure is data (a dropout), not the batch's failure
+                failed[i] = traceback.format_exc()
+            info.append(row)
+        return TrainOutput(payload=updates, info=info, failed=failed)
+
+    def corrupt_updates(self, payload: np.ndarray, positions: list[int]) -> np.ndarray:
+        """The (B, p, q) updates with rows ``positions`` set to NaN."""
+        out = np.array(payload, copy=True)
+        out[positions] = np.nan
+        return out
+
     def initial_model(self) -> np.ndarray:
         """(p, q) zeros: where every client starts."""
         return np.zeros((self.w.p, self.w.q))
+
+    # ---- the round (aggregator actor) -------------------------------------------------------------------
+    def _noise_scale(self, reported: np.ndarray, n: torch.Tensor) -> torch.Tensor | None:
+        """(K,) the ``ctx.noise_scale`` chosen by ``aggregation.noise_scale``."""
+        choice = self.cfg.aggregation.noise_scale
+        if choice == "none":
+            return None
+        if choice == "inv_sqrt_n":
+            return 1.0 / torch.sqrt(n)
+        # "reported": the scale each client computed from its own inputs; 1 where a client reported none.
+        return torch.as_tensor(np.nan_to_num(reported, nan=1.0), dtype=torch.float64)
+
+    def apply_attacks(self, trial: int, round_: int, updates: torch.Tensor, ok: np.ndarray) -> torch.Tensor:
+        """Replaces contaminated reporting clients' updates by their attacks.
+
+        Args:
+            trial: Trial index.
+            round_: Round index.
+            updates: (K, p, q) honest local updates (data attacks already inside).
+            ok: (K,) clients that reported a finite update.
+
+        Returns:
+            (K, p, q) the updates the server receives.
+        """
+        plan = self.contamination(trial)
+        honest_ids = [k for k in range(len(ok)) if ok[k] and k not in plan.attack]
+        honest = updates[honest_ids] if honest_ids else None  # (H, p, q)
+        ctx = attacks.AttackContext(self.K, len(plan.contaminated), self.w.true_rank)
+        out = updates.clone()
+        for k, kind in plan.update_attackers().items():
+            if not ok[k]:
+                continue
+            g = seeds.torch_generator(seeds.derive_seed(self.cfg.seed, seeds.ATTACK, trial, round_, k))
+            params = self.cfg.contamination.params.get(kind, {})
+            out[k] = attacks.apply_update_attack(kind, updates[k], honest, g, ctx, **params)
+        return out
+
+    def aggregate_round(self, trial: int, round_: int, groups: list[Group], prev: Any) -> RoundOutput:
+        """Attacks, every method of every group, truth metrics; ``nexts`` are the (K, p, q) models each
+        method's clients continue from (a client without a valid result keeps its previous model; none
+        after the last round)."""
+        prob, plan, K = self.problem(trial), self.contamination(trial), self.K
+        contaminated = np.zeros(K, dtype=bool)
+        contaminated[plan.contaminated] = True
+        n = torch.as_tensor(prob.n, dtype=torch.float64)
+        out = RoundOutput(methods={})
+        last = round_ + 1 >= self.w.n_rounds
+        p, q = self.w.p, self.w.q
+        for group in groups:
+            arr = np.full((K, p, q), np.nan)  # (K, p, q)
+            for ids, payload in group.batches:
+                arr[ids] = payload
+            noise = {key: np.full(K, np.nan) for key in ("noise_level", "noise_scale")}
+            for k, inf in group.info.items():
+                for key in noise:
+                    noise[key][k] = inf.get(key, np.nan)
+            raw = torch.from_numpy(arr)  # (K, p, q)
+            reported = np.ones(K, dtype=bool)
+            reported[group.dropped] = False
+            finite = torch.isfinite(raw).flatten(1).all(dim=1).numpy() & reported  # (K,)
+            sent = self.apply_attacks(trial, round_, raw, finite)  # (K, p, q)
+            valid = torch.isfinite(sent).flatten(1).all(dim=1).numpy() & reported  # (K,)
+            active = np.flatnonzero(valid).tolist()
+            off = self.off_subspace_energy(trial, sent)  # (K,)
+            detectable = contaminated & valid & (off > self.w.truth_factor * noise["noise_level"])
+            norms = torch.linalg.matrix_norm(sent).numpy()  # (K,)
+            scale = self._noise_scale(noise["noise_scale"], n)
+            c = self.cfg
+            ctx = AggContext(
+                rank=c.aggregation.rank,
+                n_attackers=attacks.assumed_attackers(
+                    c.aggregation.assumed_fraction, c.contamination.fraction, len(active)
+                ),
+                offset=self.w.base_scale > 0,
+                noise_scale=None if scale is None else scale[active],
+                seed=seeds.derive_seed(c.seed, seeds.METHOD, trial, round_),
+                honest=[i for i, k in enumerate(active) if not contaminated[k]],
+                true_subspace=prob.U,
+            )
+            for method in group.methods:
+                t0 = time.perf_counter()
+                try:
+                    agg = get_aggregator(method, **c.aggregation.params.get(method, {}))
+                    res = agg.aggregate(sent[active], ctx) if active else None
+                except Exception as exc:
+                    raise MethodError(
+                        f"trial {trial} round {round_}: method {method!r} failed on {len(active)} clients: {exc}"
+                    ) from exc
+                agg_s = time.perf_counter() - t0
+                result = torch.full_like(sent, float("nan"))  # (K, p, q)
+                flagged = np.zeros(K, dtype=bool)
+                reason = [""] * K
+                for k in np.flatnonzero(reported & ~valid):
+                    flagged[k], reason[k] = True, NON_FINITE
+                subspace = None
+                if res is not None:
+                    result[active] = res.per_client.to(torch.float64)
+                    for j in res.flagged:
+                        flagged[active[j]] = True
+                        reason[active[j]] = str(res.reasons.get(j, method))
+                    subspace = res.subspace
+                metrics = self.errors(trial, result)
+                if not last:  # the last round's models go nowhere: don't build K x p x q of them
+                    start = (
+                        prev[method]
+                        if prev is not None
+                        else np.broadcast_to(self.initial_model(), sent.shape)
+                    )
+                    out.nexts[method] = np.ascontiguousarray(
+                        np.where(valid[:, None, None], result.numpy(), start)
+                    )
+                out.methods[method] = MethodRound(
+                    flagged=flagged,
+                    reason=reason,
+                    detectable=detectable,
+                    dropped=~reported,
+                    update_norm=norms,
+                    metrics={**metrics, "off_subspace": off, "noise_level": noise["noise_level"]},
+                    scalars={"subspace_error": self.subspace_error(trial, subspace)},
+                    agg_s=agg_s,
+                )
+        return out

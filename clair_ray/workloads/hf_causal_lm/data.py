@@ -21,12 +21,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from clair_ray.workloads import lora
+if TYPE_CHECKING:
+    from clair_ray.workloads.lora import adapters as lora
+
+# peft (through adapters.py) and transformers are imported where a model is loaded or trained: the
+# driver reads data and partitions without them.
 
 __all__ = [
     "PARTITIONS",
@@ -106,6 +110,8 @@ class PartitionConfig:
 def load_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` (eval mode, loss type named so transformers stays quiet)."""
     from transformers import AutoModelForCausalLM
+
+    from clair_ray.workloads.lora import adapters as lora
 
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path))
     model.eval()
@@ -301,11 +307,15 @@ def train_client(
     ``base`` may be a model directory / hub id (loaded with :func:`load_model`), a plain model (copied)
     or a resident peft model (reset and reused).
     """
+    from clair_ray.workloads.lora import adapters as lora
+
     return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_model)
 
 
 def evaluate(model: torch.nn.Module, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Token loss, exact match (every real token right) and token accuracy."""
+    from clair_ray.workloads.lora import adapters as lora
+
     return lora.evaluate_lm(model, data)
 
 

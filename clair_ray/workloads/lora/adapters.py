@@ -30,7 +30,6 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers.pytorch_utils import Conv1D
+
+from clair_ray.workloads.lora.loop import adamw_steps, batch_order, metrics_from_stats, token_stats
+from clair_ray.workloads.lora.spec import LoraSpec
 
 __all__ = [
     "Factors",
@@ -65,37 +67,6 @@ Factors = dict[str, tuple[np.ndarray, np.ndarray]]
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER = "default"
-
-
-@dataclass
-class LoraSpec:
-    """LoRA knobs of a workload (embedded in the typed experiment config later).
-
-    Attributes:
-        r: Adapter rank.
-        alpha: LoRA alpha; the effective update is (alpha / r) · B A.
-        target_modules: Module-name suffixes to adapt (peft's ``target_modules``), e.g. GPT-2's
-            ``c_attn``, ``c_proj``, ``c_fc`` or Llama's ``q_proj``, ``v_proj``.
-        init_seed: Seed of the adapters' initialisation; the same for every client, so all clients start
-            from the same A (and B = 0) and their updates are comparable.
-    """
-
-    r: int = 4
-    alpha: float = 8.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    init_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraSpec.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoraSpec.alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ValueError(
-                f"LoraSpec.target_modules must be a non-empty list of names, got {self.target_modules!r}"
-            )
-        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
-            raise ValueError(f"LoraSpec.init_seed must be an integer >= 0, got {self.init_seed!r}")
 
 
 def quiet_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -130,22 +101,22 @@ def wrap_lora(model: torch.nn.Module, spec: LoraSpec) -> PeftModel:
         The peft model, base weights frozen, adapter trainable.
 
     Raises:
-        ValueError: If no module matches ``spec.target_modules``.
+        ValueError: If no module matches ``spec.targets``.
     """
     quiet_model(model)
     matched = [
         m
         for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, Conv1D)) and n.split(".")[-1] in spec.target_modules
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and n.split(".")[-1] in spec.targets
     ]
     if not matched:
-        raise ValueError(f"LoraSpec.target_modules={spec.target_modules!r}: matches no Linear/Conv1D module")
+        raise ValueError(f"workload.lora.targets={spec.targets!r}: matches no Linear/Conv1D module")
     # peft warns for every Conv1D target unless told the weight is stored (in, out): say so at the source.
     fan_in_fan_out = all(isinstance(m, Conv1D) for m in matched)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
-        target_modules=list(spec.target_modules),
+        target_modules=list(spec.targets),
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=fan_in_fan_out,
@@ -364,6 +335,20 @@ def _subset(data: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, to
     return {k: v[idx] for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
+def train_peft(
+    model: PeftModel, data: Mapping[str, torch.Tensor], order: torch.Tensor, lr: float
+) -> torch.Tensor:
+    """The one training loop (:func:`~clair_ray.workloads.lora.grouped.adamw_steps`) on a peft model, one
+    client: step s trains on the sequences ``order[s]``; returns the (steps,) losses before each step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step_losses(s: int) -> torch.Tensor:
+        return lm_loss(model, _subset(data, order[s])).reshape(1)
+
+    return adamw_steps(params, step_losses, int(order.shape[0]), lr).reshape(-1)
+
+
 def train_lora(
     model: PeftModel,
     data: Mapping[str, torch.Tensor],
@@ -395,22 +380,7 @@ def train_lora(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(int(seed))
-    bs = min(batch_size, n)
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    model.train()
-    for _ in range(steps):
-        if pos + bs > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        batch = _subset(data, order[pos : pos + bs])
-        pos += bs
-        loss = lm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_peft(model, data, batch_order(n, batch_size, steps, seed), lr)
     return evaluate_lm(model, data)["loss"]
 
 
@@ -432,21 +402,15 @@ def evaluate_lm(model: torch.nn.Module, data: Mapping[str, torch.Tensor], batch_
     n = _check_data(data)
     was_training = model.training
     model.eval()
-    tot_loss = tot_tok = tot_correct = exact = 0.0
+    tot = torch.zeros(4, dtype=torch.float64)
     for start in range(0, n, batch_size):
         batch = _subset(data, torch.arange(start, min(n, start + batch_size)))
-        losses, mask, pred, tgt = _token_losses(model, batch)
-        right = (pred == tgt) & mask  # (B, T-1)
-        tot_loss += float(losses.sum())
-        tot_tok += float(mask.sum())
-        tot_correct += float(right.sum())
-        exact += float(((right | ~mask).all(dim=1) & mask.any(dim=1)).sum())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        stats = token_stats(logits[:, :-1], batch["labels"][:, 1:])  # position t predicts token t + 1
+        tot += torch.stack([t.double().sum() for t in stats])
     model.train(was_training)
-    return {
-        "loss": tot_loss / max(tot_tok, 1.0),
-        "exact_match": exact / max(n, 1),
-        "token_accuracy": tot_correct / max(tot_tok, 1.0),
-    }
+    loss, tokens, correct, exact = (float(v) for v in tot)
+    return metrics_from_stats(loss, tokens, correct, exact, n)
 
 
 def client_model(base: str | os.PathLike | torch.nn.Module, spec: LoraSpec, loader: Any = None) -> PeftModel:

@@ -1,6 +1,6 @@
 """One-shot aggregation of LoRA updates per module: CLAIR, the oracle and the baselines (pure compute).
 
-What the aggregator actor of a LoRA workload runs (:mod:`clair_ray.workloads.lora_engine`), as plain
+What the aggregator actor of a LoRA workload runs (:mod:`clair_ray.workloads.lora.rounds`), as plain
 functions on numpy factor pairs, testable without Ray or a model.
 
 Every method returns ONE shared dense correction per module (folded into one shared base copy for
@@ -11,9 +11,10 @@ evaluation) plus each honest client's own adapter as a factor pair, never a merg
   ``side`` both: mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V (column: no P_V; row: no P_U), applied as the shared
   correction mean_Ĉ − P_U mean_Ĉ P_V and the adapter (P_U B_k, A_k P_V).
 - ``oracle``: the same refinement with the true honest set and U, V from the centred honest updates.
-- ``fedavg``: mean over all clients; ``fedavg_honest``: mean over the truly honest clients only;
-  ``median``, ``trimmed_mean``, ``multi_krum``, ``geometric_median``: the aggregator on the dense
-  per-module updates; all as the shared correction with no personal adapter.
+- ``fedavg``: mean over all clients (through the factors); ``fedavg_honest``: mean over the truly honest
+  clients only; every other registered global aggregator (``median``, ``trimmed_mean``, ``multi_krum``,
+  ``geometric_median``, a user's own): the aggregator on the dense per-module updates; all as the shared
+  correction with no personal adapter.
 - ``local``: the client's own adapter; ``local_early``: its adapter after ``early_steps``.
 
 Dense (K, out, in) stacks of a module are built only when something needs them (:class:`ModuleUpdates`):
@@ -24,27 +25,27 @@ path scales to large modules.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from clair_ray.aggregators import AggContext, get_aggregator
+from clair_ray.aggregators import AGGREGATORS, AggContext, get_aggregator
 
 __all__ = [
-    "DENSE_METHODS",
-    "GLOBAL_METHODS",
+    "OWN_METHODS",
+    "lora_methods",
     "ModuleUpdates",
     "as_pair",
+    "fedavg_factors",
     "combine_evidence",
     "run_clair",
     "run_method",
 ]
 
-#: Methods whose result is one global update for everyone (the shared correction, no personal adapter).
-GLOBAL_METHODS = ("fedavg", "median", "trimmed_mean", "multi_krum", "geometric_median")
-#: Methods that need every client's dense per-module update.
-DENSE_METHODS = ("median", "trimmed_mean", "multi_krum", "geometric_median", "oracle")
+#: Methods this module implements itself, beyond the registered aggregators it runs per module.
+OWN_METHODS = ("fedavg_honest", "local_early")
 #: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
 AUTO_DENSE_MAX_ENTRIES = 65_536
 Pair = tuple[np.ndarray, np.ndarray]
@@ -55,11 +56,46 @@ Factors = dict[str, Pair]
 MethodResult = tuple[dict[str, np.ndarray], dict[int, Factors], list[int], dict[int, str]]
 
 
+def lora_methods() -> tuple[str, ...]:
+    """Methods a LoRA workload runs: CLAIR, the oracle, local, every registered global aggregator (per
+    module, on the dense updates, as one shared correction) and :data:`OWN_METHODS`."""
+    special = ("clair", "oracle", "local")
+    return (
+        *special,
+        *(n for n, c in AGGREGATORS.items() if n not in special and not c.personalized),
+        *OWN_METHODS,
+    )
+
+
 def as_pair(dense: np.ndarray, tol: float = 1e-12) -> Pair:
     """An exact factor pair (B (out, r'), A (r', in)) of a dense update, r' its numerical rank."""
     u, s, vh = np.linalg.svd(dense, full_matrices=False)
     keep = max(1, int(np.sum(s > tol * max(float(s[0]) if s.size else 0.0, 1e-300))))
     return u[:, :keep] * s[:keep], vh[:keep]
+
+
+def fedavg_factors(factors: Sequence[Factors], weights: Sequence[float] | None = None) -> Factors:
+    """FedIT's aggregate of LoRA adapters: the (weighted) mean of the B factors and of the A factors.
+
+    Args:
+        factors: Per client: module name -> (B (out, r), A (r, in)), all with the same modules and shapes.
+        weights: Optional per-client weights (e.g. sample counts); default equal.
+
+    Returns:
+        Module name -> (mean B (out, r), mean A (r, in)), float64.
+    """
+    if not factors:
+        raise ValueError("fedavg_factors: need at least one client's factors")
+    w = np.full(len(factors), 1.0) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(factors),) or not np.all(np.isfinite(w)) or w.sum() <= 0:
+        raise ValueError(f"fedavg_factors: weights must be {len(factors)} finite values with a positive sum")
+    w = w / w.sum()
+    out: Factors = {}
+    for name in factors[0]:
+        b = sum(wi * np.asarray(f[name][0], dtype=np.float64) for wi, f in zip(w, factors, strict=True))
+        a = sum(wi * np.asarray(f[name][1], dtype=np.float64) for wi, f in zip(w, factors, strict=True))
+        out[name] = (np.asarray(b), np.asarray(a))
+    return out
 
 
 class ModuleUpdates:
@@ -230,7 +266,7 @@ def run_method(
         return _clair(ups, active, honest, rank, side, clair_mode, clair_params, seed)
     if method == "oracle":
         return _oracle(ups, active, honest, rank, side)
-    if method in GLOBAL_METHODS:
+    if method in AGGREGATORS and not AGGREGATORS[method].personalized:
         ctx = AggContext(n_attackers=n_attackers, seed=seed)
         agg = get_aggregator(method, **params.get(method, {}))
         corr, votes = {}, np.zeros(len(active))

@@ -6,8 +6,9 @@ a token map σ; the loss is on the target positions only. Token ids: content tok
 
 - **Base W_0**: full fine-tuning of a freshly initialised GPT-2 (or Llama) on the identity copy (σ = id),
   cached on disk under a hash of its config (:func:`build_base`), reloaded with ``from_pretrained``.
-  LoRA cannot learn the copy from a random init (RAY-NOTES, "Learning on the copy task").
-- **Client variants** (the issue's feasibility findings): every honest client's σ applies
+  LoRA cannot learn the copy from a random init (a randomly initialised GPT-2 with LoRA reaches a few
+  percent copy accuracy where full fine-tuning solves it in a few hundred steps).
+- **Client variants**: every honest client's σ applies
   ``n_common`` *common* substitutions (the shared component, hard to learn from a few sequences) plus
   ``n_personal`` *personal* substitutions on the same tokens for everyone, whose targets depend on the
   client's cluster (``client_id % n_clusters``): the clusters conflict. ``heterogeneity`` h in [0, 1] sets
@@ -25,6 +26,7 @@ Everything is deterministic given the seeds; ``torch.set_num_threads`` is left t
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -38,9 +40,11 @@ import numpy as np
 import torch
 
 from clair_ray import attacks
+from clair_ray.workloads.base import check_fields
+from clair_ray.workloads.lora.spec import LoRAWorkloadConfig
 
 if TYPE_CHECKING:
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
 # transformers and peft (through lora.py) are imported where a model is built or trained, so that the
 # task's configs and data (what a driver or an aggregator needs) load without them.
@@ -75,15 +79,9 @@ _MARKER = "clair_copy_base.json"
 _SPLITS = {"train": 0, "test": 1, "base": 2}
 
 
-def _int_field(obj: object, name: str, minimum: int) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass
 class CopyBaseConfig:
-    """What the base W_0 is (all fields enter the cache key).
+    """What the base W_0 is (``workload.base``; all fields enter the cache key).
 
     Attributes:
         arch: "gpt2" or "llama".
@@ -92,9 +90,9 @@ class CopyBaseConfig:
         n_layer: Transformer blocks.
         n_embd: Model width.
         n_head: Attention heads (must divide n_embd).
-        base_steps: Full fine-tuning steps on the identity copy.
-        base_lr: AdamW learning rate of that training.
-        base_batch_size: Sequences per step (fresh random prefixes every step).
+        steps: Full fine-tuning steps on the identity copy.
+        lr: AdamW learning rate of that training.
+        batch_size: Sequences per step (fresh random prefixes every step).
         seed: Seed of the initialisation and of the base data.
     """
 
@@ -104,27 +102,29 @@ class CopyBaseConfig:
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
-    base_steps: int = 300
-    base_lr: float = 3e-3
-    base_batch_size: int = 32
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"CopyBaseConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        for name, lo in (("vocab_size", 4), ("prefix_len", 1), ("n_layer", 1), ("n_embd", 2), ("n_head", 1)):
-            _int_field(self, name, lo)
-        _int_field(self, "base_steps", 0)
-        _int_field(self, "base_batch_size", 1)
-        _int_field(self, "seed", 0)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"CopyBaseConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if (
-            isinstance(self.base_lr, bool)
-            or not isinstance(self.base_lr, (int, float))
-            or not self.base_lr > 0
-        ):
-            raise ValueError(f"CopyBaseConfig.base_lr must be a positive number, got {self.base_lr!r}")
+        mins = (("vocab_size", 4), ("prefix_len", 1), ("n_layer", 1), ("n_embd", 2), ("n_head", 1))
+        mins += (("steps", 0), ("batch_size", 1), ("seed", 0))
+        checks = [
+            (_is_int(getattr(self, n), lo), n, getattr(self, n), f"must be an integer >= {lo}")
+            for n, lo in mins
+        ]
+        checks += [
+            (self.arch in ARCHS, "arch", self.arch, f"must be one of {list(ARCHS)}"),
+            (
+                self.n_head < 1 or self.n_embd % self.n_head == 0,
+                "n_head",
+                self.n_head,
+                f"must divide n_embd={self.n_embd}",
+            ),
+            (_is_real(self.lr) and self.lr > 0, "lr", self.lr, "must be finite and > 0"),
+        ]
+        check_fields("workload.base", checks)
 
     @property
     def n_content(self) -> int:
@@ -137,49 +137,73 @@ class CopyBaseConfig:
         return self.vocab_size - 1
 
 
+def _is_int(v: object, lo: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= lo
+
+
+def _is_real(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 @dataclass
-class CopyTaskConfig:
-    """The clients' task variants on top of a base.
+class CopyTaskConfig(LoRAWorkloadConfig):
+    """The copy-task workload's section (``workload.name: copy_task``): the base, the clients' task
+    variants on top of it, and the data sizes. The LoRA knobs are in ``workload.lora``.
 
     Attributes:
-        base: The base model and sequence format.
+        base: The base model and sequence format (``workload.base``).
         n_common: Substitutions every honest client needs (the shared component).
         n_personal: Tokens with cluster-dependent (personal) substitutions.
         n_clusters: Groups of honest clients whose personal substitutions conflict.
         heterogeneity: h in [0, 1]: round(h · n_personal) personal tokens differ across clusters (0: all
             honest tasks identical; 1: every personal token conflicts).
         task_seed: Seed of which tokens are substituted and by what (the same for every client).
+        n_sequences: Local training sequences per client (the data-size knob).
+        test_sequences: Held-out sequences per honest client for evaluation.
+        n_flips: Token pairs swapped by the ``data_flip`` corruption.
+        cache_dir: Where the base is cached (None: ``$CLAIR_CACHE`` or ``~/.cache/clair_ray``).
     """
 
+    name: str = "copy_task"
     base: CopyBaseConfig = field(default_factory=CopyBaseConfig)
     n_common: int = 6
     n_personal: int = 4
     n_clusters: int = 2
     heterogeneity: float = 1.0
     task_seed: int = 0
+    n_sequences: int = 8
+    test_sequences: int = 128
+    n_flips: int = 2
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.base, Mapping):  # e.g. built from a plain dict / OmegaConf node
+        super().__post_init__()
+        if isinstance(self.base, Mapping):  # e.g. built from a plain dict
             self.base = CopyBaseConfig(**self.base)
-        if not isinstance(self.base, CopyBaseConfig):
-            raise ValueError(f"CopyTaskConfig.base must be a CopyBaseConfig, got {type(self.base).__name__}")
-        _int_field(self, "n_common", 0)
-        _int_field(self, "n_personal", 0)
-        _int_field(self, "n_clusters", 1)
-        _int_field(self, "task_seed", 0)
-        h = self.heterogeneity
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h <= 1.0:
-            raise ValueError(f"CopyTaskConfig.heterogeneity must be in [0, 1], got {h!r}")
-        n = self.base.n_content
-        if self.n_common + self.n_personal > n:
-            raise ValueError(
-                f"CopyTaskConfig.n_common + n_personal = {self.n_common + self.n_personal} exceeds the "
-                f"{n} content tokens of vocab_size={self.base.vocab_size}"
-            )
-        if self.n_personal and self.n_clusters >= n:
-            raise ValueError(
-                f"CopyTaskConfig.n_clusters={self.n_clusters} needs more than {n} content tokens"
-            )
+        mins = (("n_common", 0), ("n_personal", 0), ("n_clusters", 1), ("task_seed", 0))
+        mins += (("n_sequences", 1), ("test_sequences", 1), ("n_flips", 1))
+        checks = [
+            (_is_int(getattr(self, n), lo), n, getattr(self, n), f"must be an integer >= {lo}")
+            for n, lo in mins
+        ]
+        n, h = self.base.n_content, self.heterogeneity
+        checks += [
+            (_is_real(h) and 0.0 <= h <= 1.0, "heterogeneity", h, "must be in [0, 1]"),
+            (
+                self.n_common + self.n_personal <= n,
+                "n_common",
+                self.n_common,
+                f"n_common + n_personal must be <= vocab_size - 1 = {n}",
+            ),
+            (
+                not self.n_personal or self.n_clusters < n,
+                "n_clusters",
+                self.n_clusters,
+                f"must be < {n} content tokens",
+            ),
+            (2 * self.n_flips <= n, "n_flips", self.n_flips, "must be <= (vocab_size - 1) / 2"),
+        ]
+        check_fields("workload", checks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,6 +290,11 @@ def corrupt_copy_targets(
     return perm[targets]
 
 
+# The copy task's own data attacks, next to the corruption that implements them.
+for _kind in ("reversed", "flip"):
+    attacks.register_attack(f"data_{_kind}")(corrupt_copy_targets)
+
+
 def _sequences(cfg: CopyBaseConfig, prefix: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """input_ids = prefix + SEP + target; labels = -100 except on the target positions."""
     n = prefix.shape[0]
@@ -336,7 +365,7 @@ def make_model(cfg: CopyBaseConfig) -> torch.nn.Module:
     """A freshly initialised tiny causal LM (no dropout), seeded by ``cfg.seed``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     n_pos = 2 * cfg.prefix_len + 1
     # bos/eos inside the vocabulary (transformers warns about GPT-2's default 50256 otherwise).
@@ -380,14 +409,14 @@ def base_key(cfg: CopyBaseConfig) -> str:
 
 def _train_base(cfg: CopyBaseConfig) -> torch.nn.Module:
     """Full fine-tuning on the identity copy with fresh random prefixes every step."""
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     model = make_model(cfg)
     task = CopyTaskConfig(base=cfg, n_common=0, n_personal=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
-    for step in range(cfg.base_steps):
-        batch = client_data(task, None, cfg.seed * 1_000_003 + step, cfg.base_batch_size, split="base")
+    for step in range(cfg.steps):
+        batch = client_data(task, None, cfg.seed * 1_000_003 + step, cfg.batch_size, split="base")
         loss = lora.lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -410,7 +439,7 @@ def build_base(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
     Returns:
         The model directory; load it with :func:`load_base`.
     """
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     root = Path(cache_dir)
     path = root / f"copy-base-{cfg.arch}-{base_key(cfg)}"
@@ -441,7 +470,7 @@ def load_base(path: str | os.PathLike) -> torch.nn.Module:
     """Loads a base model directory with ``AutoModelForCausalLM.from_pretrained`` (eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     model = AutoModelForCausalLM.from_pretrained(str(path))
     model.eval()
@@ -482,13 +511,13 @@ def train_client(
     Returns:
         (module -> (B (out, r), A (r, in)) float64 numpy, Linear orientation; final training loss).
     """
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_base)
 
 
 def evaluate(model: torch.nn.Module, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Target loss, exact-match copy accuracy and token accuracy of a model (with or without adapter)."""
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     return lora.evaluate_lm(model, data)

@@ -17,7 +17,7 @@ The loss is the SUM over groups of each group's mean token loss, so ``d loss / d
 client g's own gradient (a mean over the whole batch would scale each by 1/G). AdamW is elementwise on a
 parameter (moments, bias correction with the shared step count, decoupled weight decay), so one AdamW on
 the stacked ``(G, ...)`` tensors IS G independent AdamW optimisers. What remains is float round-off from a
-different summation order (bigger matmuls); tests/workloads/test_grouped_lora.py compares against peft +
+different summation order (bigger matmuls); tests/workloads/lora/test_grouped.py compares against peft +
 ``torch.optim.AdamW`` client by client: losses within rtol 1e-5 (float32 and float64), adapters within
 rtol 1e-5 in float64 (float32 needs a small absolute floor: Adam turns round-off in a near-zero gradient
 into a step of up to ~lr). Models whose sequences interact in a batch (MoE routing with capacity limits,
@@ -58,7 +58,15 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["GroupedLoRALinear", "GroupedLoRAModel", "PEFT_PREFIX", "grouped_token_loss"]
+from clair_ray.workloads.lora.loop import adamw_steps, metrics_from_stats, token_stats
+
+__all__ = [
+    "GroupedLoRALinear",
+    "GroupedLoRAModel",
+    "PEFT_PREFIX",
+    "grouped_evaluate",
+    "grouped_token_loss",
+]
 
 #: Prefix of every key in a peft adapter state dict (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -515,25 +523,20 @@ class GroupedLoRAModel:
         Returns:
             (steps, G) float64 CPU tensor: each client's loss at each step, before that step's update.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         per_step = input_ids.ndim == 4
         if per_step and input_ids.shape[0] != steps:
             raise ValueError(f"input_ids: {input_ids.shape[0]} batches for {steps} steps")
-        opt = torch.optim.AdamW(self.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.model.train()
-        losses = torch.zeros(steps, self.n_clients, dtype=torch.float64)
-        for s in range(steps):
+
+        def step_losses(s: int) -> torch.Tensor:
             ids, lab, mask = (
                 (t[s] if per_step and t is not None else t) for t in (input_ids, labels, attention_mask)
             )
-            per_client = self.client_losses(ids, lab, mask)  # (G,)
-            opt.zero_grad(set_to_none=True)
-            # Sum, not mean: d(sum)/d(A_g, B_g) is client g's own gradient, unscaled.
-            per_client.sum().backward()
-            opt.step()
-            losses[s] = per_client.detach().double().cpu()
-        return losses
+            return self.client_losses(ids, lab, mask)  # (G,)
+
+        return adamw_steps(
+            self.parameters(), step_losses, steps, lr, weight_decay=weight_decay, betas=betas, eps=eps
+        ).reshape(steps, self.n_clients)
 
 
 @torch.no_grad()
@@ -584,21 +587,15 @@ def grouped_evaluate(
         y_all = torch.stack(labels)[:, :, 1:].to(device)  # (G, width, T-1): position t predicts t + 1
         m_all = torch.stack(masks).to(device) if masks else None
         logits = gm.forward(x_all, m_all)[:, :, :-1]  # (G, width, T-1, V)
-        valid = y_all != -100
-        ce = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), y_all.clamp_min(0).reshape(-1), reduction="none"
-        ).view(y_all.shape)  # (G, width, T-1)
-        right = (logits.argmax(-1) == y_all) & valid
-        tot += (ce * valid).sum(dim=(1, 2)).double().cpu()
-        tok += valid.sum(dim=(1, 2)).float().cpu()
-        exact += ((right | ~valid).all(dim=2) & valid.any(dim=2)).sum(dim=1).float().cpu()
-        correct += right.sum(dim=(1, 2)).float().cpu()
+        loss, tokens, right, exact_ = token_stats(logits, y_all)  # (G, width) each
+        tot += loss.sum(dim=1).cpu()
+        tok += tokens.sum(dim=1).cpu()
+        exact += exact_.sum(dim=1).cpu()
+        correct += right.sum(dim=1).cpu()
     gm.model.train(was_training)
     return [
-        {
-            "loss": float(tot[j]) / max(float(tok[j]), 1.0),
-            "exact_match": float(exact[j]) / max(len(data[j]["input_ids"]), 1),
-            "token_accuracy": float(correct[j]) / max(float(tok[j]), 1.0),
-        }
+        metrics_from_stats(
+            float(tot[j]), float(tok[j]), float(correct[j]), float(exact[j]), len(data[j]["input_ids"])
+        )
         for j in range(g)
     ]

@@ -1,22 +1,22 @@
-"""Any Hugging Face causal LM as a LoRA workload on the Ray engine (``workload.name: hf_causal_lm``; issue 4).
+"""Any Hugging Face causal LM as a LoRA workload on the Ray engine (``workload.name: hf_causal_lm``).
 
-The model is ``workload.hf_causal_lm.name_or_path``: a local directory written by ``save_pretrained`` (or
+The model is ``workload.name_or_path``: a local directory written by ``save_pretrained`` (or
 a hub id where a hub is reachable), loaded through ``from_pretrained``. The data is a JSONL / Parquet file
 (or a directory of them) with a text column and an optional label column, partitioned among the K
 clients. Everything about how clients train, how the methods aggregate and how clients are evaluated is
-the generic LoRA engine's (:class:`clair_ray.workloads.lora_engine.LoRAEngineWorkload`); this module only
+the generic LoRA engine's (:class:`clair_ray.workloads.lora.workload.LoRAWorkload`); this module only
 says what the task is. The compute helpers (loading, tokenising, partitioning) are in
-:mod:`clair_ray.workloads.hf_causal_lm`.
+:mod:`clair_ray.workloads.hf_causal_lm.data`.
 
 What runs where:
 
-- **Driver**: :meth:`HFCausalLMWorkload.problem` (who is contaminated, client sizes) needs only the texts
+- **Driver**: :meth:`HFCausalLMWorkload.client_sizes` (and who is contaminated) needs only the texts
   and labels, never the tokenizer or the model. :meth:`HFCausalLMWorkload.prepare` loads the tokenizer,
   tokenises once and resolves the LoRA targets, so a wrong path or column fails before any actor starts.
 - **Client actors**: load the base model once (:meth:`HFCausalLMWorkload.load_base_model`) and tokenise
   the data once per process (cached), then train their batch of clients on their (possibly corrupted)
   training rows.
-- **Aggregator actor**: evaluates each honest client on its own clean held-out rows (token loss and
+- **Evaluation** (client actors, under the aggregator's plan): each honest client on its own clean held-out rows (token loss and
   exact match of every real token under teacher forcing).
 
 Data, per trial, all a deterministic function of (config, root seed, trial), so every process rebuilds
@@ -59,21 +59,121 @@ local run, the directory ``clair-ray run`` was started in; for a Ray job, the jo
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from clair_ray import attacks
-from clair_ray.config import ConfigError, ExperimentConfig
-from clair_ray.engine import seeds
-from clair_ray.workloads import hf_causal_lm as hf
-from clair_ray.workloads.lora_engine import LoRAEngineWorkload
+from clair_ray import attacks, seeds
+from clair_ray.errors import ConfigError
+from clair_ray.workloads.base import check_fields, register_workload
+from clair_ray.workloads.hf_causal_lm import data as hf
+from clair_ray.workloads.lora.spec import LoRAWorkloadConfig
+from clair_ray.workloads.lora.workload import LoRAWorkload
 
-__all__ = ["HFCausalLMWorkload", "corrupt_labels", "default_targets_for", "split_train_test"]
+if TYPE_CHECKING:
+    from clair_ray.config import ExperimentConfig
+
+__all__ = [
+    "HFCausalLMConfig",
+    "HFCausalLMWorkload",
+    "corrupt_labels",
+    "default_targets_for",
+    "split_train_test",
+]
+
+
+@dataclass
+class HFCausalLMConfig(LoRAWorkloadConfig):
+    """Any Hugging Face causal LM on local text data (``workload.name: hf_causal_lm``); the LoRA knobs are
+    in ``workload.lora``.
+
+    Attributes:
+        name_or_path: A local directory written by ``save_pretrained`` (or a hub id where a hub is
+            reachable) holding the model and its tokenizer.
+        data_path: A ``.jsonl`` / ``.parquet`` file or a directory of them.
+        text_column: Column with the text.
+        label_column: Column with a label (needed by the ``dirichlet`` partition).
+        max_length: Tokens per sequence (truncated / padded).
+        partition: ``iid``, ``dirichlet`` (over ``label_column``) or ``quantity`` (skewed client sizes).
+        partition_alpha: Dirichlet concentration of ``dirichlet`` / ``quantity`` (smaller: more skewed).
+        min_size: Fewest samples a client may get.
+        test_fraction: Share of each client's samples held out for its evaluation.
+        max_samples: Use at most this many samples of the data (0: all), taken before partitioning.
+    """
+
+    name: str = "hf_causal_lm"
+    name_or_path: str = ""
+    data_path: str = ""
+    text_column: str = "text"
+    label_column: str | None = None
+    max_length: int = 64
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    min_size: int = 2
+    test_fraction: float = 0.25
+    max_samples: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        a = self.partition_alpha
+        check_fields(
+            "workload",
+            [
+                (
+                    bool(self.name_or_path),
+                    "name_or_path",
+                    self.name_or_path,
+                    "must name a model dir or hub id",
+                ),
+                (
+                    bool(self.data_path),
+                    "data_path",
+                    self.data_path,
+                    "must name a .jsonl/.parquet file or dir",
+                ),
+                (bool(self.text_column), "text_column", self.text_column, "must name a column"),
+                (self.max_length >= 2, "max_length", self.max_length, "must be >= 2"),
+                (
+                    self.partition in hf.PARTITIONS,
+                    "partition",
+                    self.partition,
+                    f"must be one of {list(hf.PARTITIONS)}",
+                ),
+                (
+                    self.partition != "dirichlet" or bool(self.label_column),
+                    "label_column",
+                    self.label_column,
+                    "must name a column with partition=dirichlet",
+                ),
+                (math.isfinite(a) and a > 0, "partition_alpha", a, "must be finite and > 0"),
+                (
+                    self.min_size >= 2,
+                    "min_size",
+                    self.min_size,
+                    "must be >= 2 (a client needs train and test)",
+                ),
+                (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)"),
+                (self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0 (0: all)"),
+            ],
+        )
+
+
+def corruption_params(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
+    """``contamination.params.<kind>`` of a text data attack (the vocabulary size comes from the tokenizer)."""
+    params = dict(cfg.contamination.params.get(kind, {}))
+    if "num_classes" in params:
+        raise ValueError(
+            f"contamination.params.{kind}.num_classes: the hf_causal_lm workload uses the tokenizer's "
+            "vocabulary size; remove it"
+        )
+    return params
+
 
 #: Purpose tags in the round slot of ``derive_seed(seed, DATA, trial, purpose, client)``.
 SUBSET, PARTITION, SPLIT, CORRUPT = 0, 1, 2, 3
@@ -179,23 +279,20 @@ def corrupt_labels(
     return {**data, "labels": new}
 
 
-class HFCausalLMWorkload(LoRAEngineWorkload):
+@register_workload("hf_causal_lm")
+class HFCausalLMWorkload(LoRAWorkload):
     """A Hugging Face causal LM on local text data, partitioned among clients (see the module docstring)."""
 
-    DATA_KINDS: tuple[str, ...] = ()
+    config_class = HFCausalLMConfig
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        """Stores the config and checks the data attacks (no data or model is loaded here).
+        """Stores the config (no data or model is loaded here).
 
         Args:
             cfg: The validated experiment config (``workload.name == "hf_causal_lm"``).
-
-        Raises:
-            ConfigError: (a ValueError) If the contamination gives a data attack a parameter it does not
-                take.
         """
         super().__init__(cfg)
-        self.w = cfg.workload.hf_causal_lm
+        self.w: HFCausalLMConfig = cfg.workload  # type: ignore[assignment]
         self.data_cfg = hf.HFDataConfig(
             path=self.w.data_path,
             text_column=self.w.text_column,
@@ -205,37 +302,32 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
         self.part_cfg = hf.PartitionConfig(
             kind=self.w.partition, alpha=float(self.w.partition_alpha), min_size=self.w.min_size
         )
-        for kind, weight in cfg.contamination.mix.items():
-            if weight <= 0 or not kind.startswith("data_"):
-                continue
-            # Config validation admits only attacks.py's data kinds here. A dry run, so that a bad
-            # parameter fails here and not inside a client actor.
-            try:
-                params = self._corruption_params(kind)
-                probe = {"labels": torch.zeros(2, 2, dtype=torch.long)}
-                corrupt_labels(kind, probe, torch.Generator().manual_seed(0), 2, **params)
-            except ValueError as exc:
-                msg = str(exc)
-                raise ConfigError(
-                    msg if msg.startswith("contamination.") else f"contamination.params.{kind}: {msg}"
-                ) from exc
         self._splits: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         self._used: dict[int, np.ndarray] = {}
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
         self._train: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Also dry-runs each data attack's parameters, so a bad one fails at load, not in an actor."""
+        super().check(cfg)
+        for kind, weight in cfg.contamination.mix.items():
+            if weight <= 0 or not kind.startswith("data_"):
+                continue
+            try:
+                probe = {"labels": torch.zeros(2, 2, dtype=torch.long)}
+                corrupt_labels(
+                    kind, probe, torch.Generator().manual_seed(0), 2, **corruption_params(cfg, kind)
+                )
+            except ValueError as exc:
+                msg = str(exc)
+                raise ConfigError(
+                    msg if msg.startswith("contamination.") else f"contamination.params.{kind}: {msg}"
+                ) from exc
+
     # ---- data ---------------------------------------------------------------------------------------
     def _seed(self, trial: int, purpose: int, k: int = -1) -> int:
         return seeds.derive_seed(self.cfg.seed, seeds.DATA, trial, purpose, k)
-
-    def _corruption_params(self, kind: str) -> dict[str, Any]:
-        params = dict(self.cfg.contamination.params.get(kind, {}))
-        if "num_classes" in params:
-            raise ValueError(
-                f"contamination.params.{kind}.num_classes: the hf_causal_lm workload uses the tokenizer's "
-                "vocabulary size; remove it"
-            )
-        return params
 
     def texts(self) -> tuple[list[str], list | None]:
         """All texts and labels of ``data_path`` (read once per process)."""
@@ -313,12 +405,12 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
             try:
                 parts = hf.partition(self.part_cfg, len(used), self.K, self._seed(trial, PARTITION), lab)
             except ValueError as exc:
-                msg = f"workload.hf_causal_lm: {len(used)} samples, {self.K} clients: {exc}"
+                msg = f"workload: {len(used)} samples, {self.K} clients: {exc}"
                 raise ValueError(msg) from exc
             small = [k for k, p in enumerate(parts) if len(p) < 2]
             if small:
                 raise ValueError(
-                    f"workload.hf_causal_lm: the {self.w.partition} partition of {len(used)} samples gives "
+                    f"workload: the {self.w.partition} partition of {len(used)} samples gives "
                     f"client(s) {small} fewer than 2 samples (one train, one test); use more data "
                     "(max_samples), fewer clients, or a larger min_size / partition_alpha"
                 )
@@ -330,7 +422,7 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
             self._splits[trial] = (train, test)
         return self._splits[trial]
 
-    # ---- LoRAEngineWorkload -------------------------------------------------------------------------
+    # ---- LoRAWorkload ----------------------------------------------------------------------------------
     def prepare(self, progress: Callable[[str], None] | None = None) -> None:
         """Driver: loads texts and tokenizer, tokenises, resolves the targets (fails fast on bad paths)."""
         t0 = time.perf_counter()
@@ -339,7 +431,7 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
         try:
             data = self.tokens(0)
             self.client_indices(0)
-            targets = self.spec.target_modules
+            targets = self.spec.targets
         finally:
             torch.set_num_threads(threads)
         if progress is not None and time.perf_counter() - t0 > 1.0:
@@ -365,11 +457,11 @@ class HFCausalLMWorkload(LoRAEngineWorkload):
         """Client k's training rows, its data attack applied to the labels (cached per process)."""
         if (trial, k) not in self._train:
             data = self.rows(trial, self.client_indices(trial)[0][k])
-            prob = self.problem(trial)
-            if prob.is_data_attack(k):
-                kind = prob.attack[k]
+            plan = self.contamination(trial)
+            if plan.is_data_attack(k):
+                kind = plan.attack[k]
                 g = seeds.torch_generator(self._seed(trial, CORRUPT, k))
-                data = corrupt_labels(kind, data, g, self.vocab_size(), **self._corruption_params(kind))
+                data = corrupt_labels(kind, data, g, self.vocab_size(), **corruption_params(self.cfg, kind))
             self._train[(trial, k)] = data
         return self._train[(trial, k)]
 

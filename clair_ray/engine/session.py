@@ -1,0 +1,64 @@
+"""Ray sessions and resources: start or attach to Ray, and fail fast when the actors cannot be placed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import ray
+
+from clair_ray.config import ExperimentConfig
+
+__all__ = ["EngineError", "check_resources", "ray_session"]
+
+
+class EngineError(RuntimeError):
+    """The run cannot go on (too few clients, an actor gone for good, a timeout, bad resources)."""
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
+    """Uses a running Ray if this process already has one, else attaches or starts one, and stops it."""
+    if ray.is_initialized():  # the caller (a test fixture, a Tune trial) owns Ray
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # Connecting: Ray forbids local resource arguments (RAY-NOTES "Cluster and jobs").
+        ray.init(address=cfg.ray.address, logging_level="ERROR")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # address="local": without it ray.init() joins whatever `ray start` cluster
+        # /tmp/ray/ray_current_cluster names (even a stale one) and then rejects num_cpus.
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            num_gpus=cfg.ray.num_gpus,
+            object_store_memory=None if cfg.ray.object_store_mb is None else cfg.ray.object_store_mb * 2**20,
+            include_dashboard=cfg.ray.include_dashboard,
+            logging_level="ERROR",
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Fails fast when the actors cannot all be placed (they would pend for ever otherwise)."""
+    e = cfg.engine
+    have = ray.cluster_resources()
+    need_cpu = e.num_actors * e.actor_num_cpus + e.aggregator_num_cpus
+    if need_cpu > have.get("CPU", 0.0) + 1e-9:
+        raise EngineError(
+            f"engine.num_actors={e.num_actors} x engine.actor_num_cpus={e.actor_num_cpus} + "
+            f"engine.aggregator_num_cpus={e.aggregator_num_cpus} = {need_cpu:g} CPUs, but the Ray cluster "
+            f"has {have.get('CPU', 0.0):g}: lower them (fractions are allowed) or add CPUs"
+        )
+    need_gpu = e.num_actors * e.actor_num_gpus
+    if need_gpu > have.get("GPU", 0.0) + 1e-9:
+        raise EngineError(
+            f"engine.num_actors={e.num_actors} x engine.actor_num_gpus={e.actor_num_gpus} = {need_gpu:g} "
+            f"GPUs, but the Ray cluster has {have.get('GPU', 0.0):g}"
+        )

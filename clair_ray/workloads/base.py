@@ -1,0 +1,373 @@
+"""The Workload contract: everything the engine may ask of a workload, and the workload registry.
+
+The engine knows Ray, not workloads; a workload knows its task, not Ray. The engine calls exactly these
+members of a :class:`Workload` (and nothing else: no attribute probing):
+
+======================  ==================  ===============================================================
+member                  where it runs       what it does
+======================  ==================  ===============================================================
+``config_class``        driver (config)     the ``workload:`` section's dataclass, validated in its own
+                                            ``__post_init__``
+``columns``             driver (results)    the result columns it adds (:class:`Column`)
+``check(cfg)``          driver (config)     cross-section checks (methods, attacks it cannot run)
+``prepare(progress)``   driver              one-off work before any actor starts (build a cached model)
+``contamination(t)``    anywhere            who is contaminated with what in trial t (pure, seeded)
+``train_batch(...)``    client actor        local training of a batch of virtual clients
+``corrupt_updates``     client actor        test hook: make some clients' updates non-finite
+``aggregate_round``     aggregator actor    attacks, every method, per-client results of one round
+``evaluate_batch``      client actor        held-out evaluation under an :class:`EvalPlan`, if one was
+                                            returned (the aggregator need not hold a model)
+======================  ==================  ===============================================================
+
+Payloads (updates, the models clients continue from, evaluation plans) are opaque to the engine: it moves
+them between actors by reference and never looks inside. Per-client numbers travel as plain dicts and
+numpy arrays. A new workload is one module with one class decorated with :func:`register_workload`; a
+user's own workload is loaded through the ``plugins`` config key.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from clair_ray import attacks, seeds
+from clair_ray.aggregators import AGGREGATORS
+from clair_ray.errors import ConfigError
+
+if TYPE_CHECKING:  # the config module imports this one (it validates through the registry)
+    from clair_ray.config import ExperimentConfig
+
+__all__ = [
+    "MODES",
+    "WORKLOADS",
+    "ClientJob",
+    "Column",
+    "EvalPlan",
+    "Group",
+    "MethodRound",
+    "RoundOutput",
+    "TrainOutput",
+    "Workload",
+    "WorkloadConfig",
+    "check_fields",
+    "get_workload_class",
+    "register_workload",
+]
+
+MODES = ("one_shot", "multi_round")
+
+
+def check_fields(prefix: str, checks: list[tuple[bool, str, Any, str]]) -> None:
+    """Raises one ConfigError listing every failed check as ``prefix.key=value: rule``.
+
+    Args:
+        prefix: The section's key (``workload``, ``workload.lora``, ...).
+        checks: (ok, key, value, rule) per check.
+    """
+    bad = [f"{prefix}.{key}={value!r}: {rule}" for ok, key, value, rule in checks if not ok]
+    if bad:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
+
+
+@dataclass
+class WorkloadConfig:
+    """What every workload section has (a workload's own section subclasses this).
+
+    Attributes:
+        name: The registered workload name; it selects the section's dataclass.
+        num_clients: K, the virtual clients.
+        mode: ``one_shot`` (train once, aggregate once) or ``multi_round``.
+        rounds: Rounds in multi-round mode (one-shot always runs one).
+    """
+
+    name: str = "linear"
+    num_clients: int = 50
+    mode: str = "one_shot"
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(
+            "workload",
+            [
+                (self.num_clients >= 2, "num_clients", self.num_clients, "must be >= 2"),
+                (self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}"),
+                (self.rounds >= 1, "rounds", self.rounds, "must be >= 1"),
+            ],
+        )
+
+    @property
+    def n_rounds(self) -> int:
+        """Rounds this run has (1 in one-shot mode)."""
+        return 1 if self.mode == "one_shot" else self.rounds
+
+
+@dataclass(frozen=True)
+class Column:
+    """A result column a workload adds.
+
+    Attributes:
+        name: Column name.
+        dtype: Arrow type (float columns are NaN where a client has no value).
+        level: ``client``: one value per client in ``clients.parquet`` (an array in
+            :attr:`MethodRound.metrics`); ``method``: one value per method and round in ``summary.parquet``
+            (a number in :attr:`MethodRound.scalars`).
+        honest_mean: Client columns only: ``summary.parquet`` also gets ``honest_mean_<name>``, the mean
+            over the honest clients that reported.
+    """
+
+    name: str
+    dtype: pa.DataType = field(default_factory=pa.float64)
+    level: str = "client"
+    honest_mean: bool = False
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One virtual client's work in a call: its id and the seed of its local randomness."""
+
+    client_id: int
+    seed: int
+
+
+@dataclass
+class TrainOutput:
+    """What :meth:`Workload.train_batch` returns for a batch of jobs.
+
+    Attributes:
+        payload: The batch's updates in the workload's own format (numpy inside, so the object store
+            shares it zero-copy); handed untouched to :meth:`Workload.aggregate_round`.
+        info: Per job, in job order: numbers the workload's round reads (``n_samples`` and ``bytes_sent``
+            are required: they are core result columns).
+        failed: Job position -> traceback text of a client that raised (it becomes a dropout).
+    """
+
+    payload: Any
+    info: list[dict[str, Any]]
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """One trajectory's updates of a round, as the aggregator actor hands them to the workload.
+
+    Attributes:
+        methods: Methods evaluated on these updates (all of them in a shared first round).
+        batches: (client ids, payload) per client batch, in client-id order.
+        dropped: Clients that did not report (raised, or were never trained).
+        info: Client id -> its ``TrainOutput.info`` entry (reporting clients only).
+    """
+
+    methods: list[str]
+    batches: list[tuple[list[int], Any]]
+    dropped: list[int]
+    info: dict[int, dict[str, Any]]
+
+
+@dataclass
+class MethodRound:
+    """One method's results of one round, over all K clients (client-id order).
+
+    Attributes:
+        flagged: (K,) bool, excluded as contaminated (or non-finite).
+        reason: K strings, why ("" if not flagged).
+        detectable: (K,) bool, detection truth.
+        dropped: (K,) bool, no update this round.
+        update_norm: (K,) ‖update the server received‖_F (NaN without one).
+        metrics: Client-level workload column -> (K,) values.
+        scalars: Method-level workload column -> value.
+        agg_s: Seconds this method's aggregation took.
+        eval_s: Seconds its held-out evaluation took where it ran (0 with an evaluation plan).
+    """
+
+    flagged: np.ndarray
+    reason: list[str]
+    detectable: np.ndarray
+    dropped: np.ndarray
+    update_norm: np.ndarray
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    agg_s: float = 0.0
+    eval_s: float = 0.0
+
+
+@dataclass
+class EvalPlan:
+    """Held-out evaluation the engine dispatches to the client actors.
+
+    Attributes:
+        clients: Every client to evaluate (under at least one method).
+        data: Opaque to the engine: passed to :meth:`Workload.evaluate_batch` on the client actors.
+    """
+
+    clients: list[int]
+    data: Any
+
+
+@dataclass
+class RoundOutput:
+    """What :meth:`Workload.aggregate_round` returns.
+
+    Attributes:
+        methods: Method -> its results.
+        nexts: Method -> what its clients continue from next round (opaque; empty after the last round).
+        plan: Evaluation for the client actors, or None when the round evaluated already.
+    """
+
+    methods: dict[str, MethodRound]
+    nexts: dict[str, Any] = field(default_factory=dict)
+    plan: EvalPlan | None = None
+
+
+class Workload(abc.ABC):
+    """What a virtual client trains, what the server aggregates, how both are judged.
+
+    One instance per process (driver, each client actor, the aggregator actor), built from the validated
+    config; anything expensive (a model, data) loads lazily where it is used.
+
+    Args:
+        cfg: The validated experiment config; ``cfg.workload`` is an instance of :attr:`config_class`.
+    """
+
+    #: The registered name (set by :func:`register_workload`).
+    name: ClassVar[str] = ""
+    #: The ``workload:`` section's dataclass.
+    config_class: ClassVar[type[WorkloadConfig]] = WorkloadConfig
+    #: Result columns the workload adds (client metrics and method-level numbers).
+    columns: ClassVar[tuple[Column, ...]] = ()
+    #: Data-attack kinds (``data_<kind>``) the workload's data pipeline implements.
+    data_attacks: ClassVar[tuple[str, ...]] = attacks.DATA_ATTACK_KINDS
+    #: Methods the workload implements itself (beyond registered aggregators it can run).
+    own_methods: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.K = cfg.workload.num_clients
+        self._plans: dict[int, attacks.Contamination] = {}
+
+    # ---- config ---------------------------------------------------------------------------------------
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        """Method names this workload can run (default: every registered aggregator and its own)."""
+        return (*AGGREGATORS, *cls.own_methods)
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Cross-section checks that need the workload (methods, attacks); raises ConfigError.
+
+        The default checks the method names and the data attacks against what the workload runs; a
+        workload extends it (``super().check(cfg)`` first).
+        """
+        known = cls.methods()
+        checks = [
+            (m in known, f"methods[{i}]", m, f"must be one of {list(known)} for workload {cls.name!r}")
+            for i, m in enumerate(cfg.aggregation.methods)
+        ]
+        checks += [
+            (m in known, f"params.{m}", cfg.aggregation.params[m], f"must be one of {list(known)}")
+            for m in cfg.aggregation.params
+        ]
+        check_fields("aggregation", checks)
+        ok_kinds = (*attacks.update_kinds(), *cls.data_attacks)
+        check_fields(
+            "contamination",
+            [
+                (
+                    k in ok_kinds,
+                    f"mix.{k}",
+                    w,
+                    f"unknown attack for workload {cls.name!r}; known: {list(ok_kinds)}",
+                )
+                for k, w in cfg.contamination.mix.items()
+            ]
+            + [
+                (k in ok_kinds, f"params.{k}", v, "unknown attack")
+                for k, v in cfg.contamination.params.items()
+            ],
+        )
+
+    # ---- driver ---------------------------------------------------------------------------------------
+    def prepare(self, progress: Callable[[str], None] | None = None) -> None:
+        """One-off driver work before any actor starts (default: nothing)."""
+        del progress
+
+    def contamination(self, trial: int) -> attacks.Contamination:
+        """Who is contaminated in ``trial`` and with what (the engine's seeded rule; cached)."""
+        if trial not in self._plans:
+            c = self.cfg.contamination
+            sel = seeds.derive_seed(self.cfg.seed, seeds.SELECT, trial)
+            self._plans[trial] = attacks.contamination_plan(self.K, c.fraction, c.mix, sel)
+        return self._plans[trial]
+
+    # ---- client actors --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_batch(self, trial: int, round_: int, jobs: list[ClientJob], start: Any) -> TrainOutput:
+        """Trains a batch of virtual clients (in a client actor).
+
+        Args:
+            trial: Trial index.
+            round_: Round index.
+            jobs: The clients, in client-id order.
+            start: What this trajectory's clients continue from (the previous round's ``nexts[method]``;
+                None in the first round).
+
+        Returns:
+            The batch's payload and per-client info.
+        """
+
+    @abc.abstractmethod
+    def corrupt_updates(self, payload: Any, positions: list[int]) -> Any:
+        """Test hook (``engine.debug_nonfinite_clients``): the payload with the updates at ``positions``
+        (job positions) made non-finite, as a diverged client would send them."""
+
+    def evaluate_batch(self, trial: int, plan: Any, clients: list[int]) -> dict[str, dict[str, Any]]:
+        """Held-out evaluation of ``clients`` under an :class:`EvalPlan`'s data (in a client actor).
+
+        Returns:
+            Method -> ``{"clients": [ids], <client column>: [values]}`` for the clients it evaluated.
+        """
+        raise NotImplementedError(f"workload {self.name!r} returned an evaluation plan but cannot evaluate")
+
+    # ---- aggregator actor -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def aggregate_round(self, trial: int, round_: int, groups: list[Group], prev: Any) -> RoundOutput:
+        """Attacks, every method of every group, and per-client results of one round.
+
+        Args:
+            trial: Trial index.
+            round_: Round index.
+            groups: The round's trajectory groups (one shared group in the first round).
+            prev: The previous round's ``nexts`` (None in the first round).
+
+        Returns:
+            Per-method results, what each method's clients continue from, and an optional plan.
+        """
+
+
+#: Name -> workload class (the only list of workload names; config reads it).
+WORKLOADS: dict[str, type[Workload]] = {}
+
+
+def register_workload(name: str) -> Callable[[type[Workload]], type[Workload]]:
+    """Registers a workload class under ``name`` (``workload.name`` in a config); a class decorator."""
+
+    def deco(cls: type[Workload]) -> type[Workload]:
+        old = WORKLOADS.get(name)
+        if old is not None and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"register_workload: {name!r} is registered already ({old.__qualname__})")
+        cls.name = name
+        WORKLOADS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_workload_class(name: str) -> type[Workload]:
+    """The workload class registered as ``name``; ConfigError naming ``workload.name`` otherwise."""
+    if name not in WORKLOADS:
+        raise ConfigError(f"invalid config:\n  workload.name={name!r}: must be one of {list(WORKLOADS)}")
+    return WORKLOADS[name]

@@ -1,0 +1,510 @@
+"""The client side of every LoRA workload: a resident base, grouped training, grouped evaluation.
+
+:class:`LoRAWorkload` is what every LoRA workload shares (the copy task,
+:mod:`clair_ray.workloads.copy_task.workload`; any Hugging Face causal LM,
+:mod:`clair_ray.workloads.hf_causal_lm.workload`). A subclass says only what its task is: the base model
+(:meth:`~LoRAWorkload.load_base_model`), each client's train and test data, the default LoRA targets, and
+which data attacks it implements.
+
+What runs where:
+
+- **Driver** (``prepare``): one-off work before any actor starts (the copy task builds its cached base).
+- **Client actors** (:meth:`~LoRAWorkload.train_batch`): each keeps ONE base model resident (loaded on
+  its first call) wrapped as a :class:`~clair_ray.workloads.lora.grouped.GroupedLoRAModel`, and trains
+  the batch of virtual clients it is handed (``engine.batch_size`` clients) in one forward/backward per
+  step: the same numbers as training them one at a time (``batch_size=1`` is the one-at-a-time case,
+  :meth:`~LoRAWorkload.train_one` the plain-peft reference, both on the one loop
+  :func:`~clair_ray.workloads.lora.loop.adamw_steps`). Every client starts from the same peft
+  initialisation (``workload.lora.init_seed``) or, in multi-round mode, from the round's global adapter;
+  it draws its mini-batches from its (trial, round, client) seed and returns its per-module factor pairs
+  (B (out, r) with alpha/r folded in, A (r, in)) as float64 numpy, plus the snapshot after
+  ``early_steps`` (the early-stopped local baseline).
+- **Aggregator actor** (:mod:`clair_ray.workloads.lora.rounds`): update attacks and every method per
+  module; it returns an evaluation plan instead of evaluating.
+- **Client actors again** (:meth:`~LoRAWorkload.evaluate_batch`): the clients of the plan, evaluated
+  under every method on the model the actor already holds (loss, exact match and next-token accuracy on
+  each client's own held-out data; float32 on CPU, bf16 on GPU), many clients per grouped forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from clair_ray import seeds
+from clair_ray.workloads.base import (
+    ClientJob,
+    Column,
+    Group,
+    RoundOutput,
+    TrainOutput,
+    Workload,
+    check_fields,
+)
+from clair_ray.workloads.lora import rounds
+from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
+from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
+from clair_ray.workloads.lora.spec import LoRAWorkloadConfig, LoraSpec
+
+if TYPE_CHECKING:
+    from clair_ray.config import ExperimentConfig
+
+# peft and transformers (adapters.py, grouped.py) are imported where a model is built, trained or
+# evaluated: the driver and the aggregator actor of a LoRA task never need them.
+
+__all__ = ["EVAL_GROUP", "EVAL_ROWS", "LoRAWorkload", "StackedFactors"]
+
+#: Module name -> (B (n, out, r), A (n, r, in)): a batch of clients' factors of one module.
+StackedFactors = dict[str, tuple[np.ndarray, np.ndarray]]
+#: Evaluation: clients per grouped forward, and held-out sequences per client per forward.
+EVAL_GROUP = 16
+EVAL_ROWS = 64
+
+
+def _stack(factors: list[Factors]) -> StackedFactors:
+    names = list(factors[0])
+    return {n: (np.stack([f[n][0] for f in factors]), np.stack([f[n][1] for f in factors])) for n in names}
+
+
+class LoRAWorkload(Workload):
+    """A LoRA workload (see the module docstring); subclasses define the task.
+
+    Subclasses implement :meth:`load_base_model`, :meth:`default_targets`, :meth:`client_sizes`,
+    :meth:`train_data` and :meth:`test_data`, and may override :meth:`prepare`; their config section
+    extends :class:`~clair_ray.workloads.lora.spec.LoRAWorkloadConfig`. One instance per process; models
+    load lazily, so the driver's and the aggregator's instances stay light.
+    """
+
+    config_class = LoRAWorkloadConfig
+    columns = tuple(Column(name, honest_mean=True) for name in EVAL_METRICS)
+    own_methods = OWN_METHODS
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self.lw: LoraSpec = cfg.workload.lora  # type: ignore[attr-defined]
+        self.multi_round = cfg.workload.mode == "multi_round"
+        self.rounds = cfg.workload.n_rounds
+        self.rank = cfg.aggregation.rank  # CLAIR's and the oracle's (validated: set when they run)
+        self._spec: LoraSpec | None = None
+        self._sizes: dict[int, np.ndarray] = {}
+        self._grouped: Any = None  # client actors: the resident GroupedLoRAModel
+        self._init_state: dict[str, torch.Tensor] | None = None
+        # The resident peft model (train_one, the plain-peft reference): every use loads its adapter.
+        self._peft: Any = None
+        self._eval_grouped: Any = None  # (grouped model, pristine base weights) for evaluation
+
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        """CLAIR, the oracle, local, every registered global aggregator and the LoRA-only methods."""
+        return lora_methods()
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Method names and attacks, the device, the multi-round mode's limits and CLAIR's rank."""
+        super().check(cfg)
+        lw, methods, rank = cfg.workload.lora, cfg.aggregation.methods, cfg.aggregation.rank  # type: ignore[attr-defined]
+        name = cfg.workload.name
+        multi = cfg.workload.mode == "multi_round"
+        upd = [k for k, v in cfg.contamination.mix.items() if v > 0 and not k.startswith("data_")]
+        bad = [m for m in methods if m != "fedavg"]
+        # Ray hides every GPU from an actor that reserved none.
+        gpu_ok = lw.device != "cuda" or cfg.engine.actor_num_gpus > 0
+        check_fields(
+            "engine",
+            [
+                (
+                    gpu_ok,
+                    "actor_num_gpus",
+                    cfg.engine.actor_num_gpus,
+                    "must be > 0 with workload.lora.device=cuda",
+                )
+            ],
+        )
+        needs_rank = [m for m in methods if m in ("clair", "oracle")]
+        check_fields(
+            "aggregation",
+            [
+                (
+                    not multi or not bad,
+                    "methods",
+                    list(methods),
+                    f"{name} in multi_round mode runs ['fedavg'] only (got {bad})",
+                ),
+                (
+                    rank is not None or not needs_rank,
+                    "rank",
+                    rank,
+                    f"must be set for {needs_rank} on LoRA workloads (the refinement rank is not chosen from the data yet)",
+                ),
+                (rank is None or 1 <= rank <= lw.r, "rank", rank, f"must be in [1, workload.lora.r={lw.r}]"),
+            ],
+        )
+        check_fields(
+            "contamination",
+            [
+                (
+                    not multi or not upd,
+                    "mix",
+                    dict(cfg.contamination.mix),
+                    f"{name} in multi_round mode takes data attacks only (got {upd})",
+                )
+            ],
+        )
+        early_ok = "local_early" not in methods or lw.early_steps >= 1
+        check_fields(
+            "workload.lora",
+            [(early_ok, "early_steps", lw.early_steps, "must be >= 1 for method local_early")],
+        )
+
+    # ---- what a subclass defines ----------------------------------------------------------------------
+    def load_base_model(self) -> torch.nn.Module:
+        """A fresh copy of the frozen base causal LM (CPU, float32)."""
+        raise NotImplementedError
+
+    def default_targets(self) -> list[str]:
+        """LoRA target modules when ``workload.lora.targets`` is empty."""
+        raise NotImplementedError
+
+    def client_sizes(self, trial: int) -> np.ndarray:
+        """(K,) local training sequences per client."""
+        raise NotImplementedError
+
+    def train_data(self, trial: int, k: int) -> dict[str, torch.Tensor]:
+        """Client k's training tensors (``input_ids``, ``labels``, optional ``attention_mask``), corrupted
+        per its data attack."""
+        raise NotImplementedError
+
+    def test_data(self, trial: int, k: int) -> dict[str, torch.Tensor]:
+        """Client k's clean held-out tensors."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _quiet_transformers() -> None:
+        """One "Loading weights" progress bar per actor is noise in a run's output."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    @staticmethod
+    def _quiet_transformers() -> None:
+        """One "Loading weights" progress bar per actor is noise in a run's output."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    # ---- shared -------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> LoraSpec:
+        """The LoRA knobs, targets resolved (the workload's default when ``workload.lora.targets`` is empty)."""
+        if self._spec is None:
+            self._spec = replace(self.lw, targets=list(self.lw.targets) or self.default_targets())
+        return self._spec
+
+    def sizes(self, trial: int) -> np.ndarray:
+        """(K,) local training sequences per client (cached)."""
+        if trial not in self._sizes:
+            self._sizes[trial] = np.asarray(self.client_sizes(trial), dtype=np.int64)
+        return self._sizes[trial]
+
+    def data_seed(self, trial: int, k: int) -> int:
+        """The seed of client k's data draws in ``trial``."""
+        return seeds.derive_seed(self.cfg.seed, seeds.DATA, trial, -1, k)
+
+    def _device(self) -> tuple[torch.device, torch.dtype]:
+        if self.lw.device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("workload.lora.device='cuda' but this actor sees no GPU")
+            return torch.device("cuda"), torch.bfloat16
+        return torch.device("cpu"), torch.float32
+
+    # ---- client actors ------------------------------------------------------------------------------
+    def _resident(self) -> Any:
+        """The actor's resident base with grouped LoRA slots (built on first use)."""
+        if self._grouped is None:
+            from clair_ray.workloads.lora.grouped import GroupedLoRAModel
+
+            device, dtype = self._device()
+            self._quiet_transformers()
+            model = self.load_base_model().to(device=device, dtype=dtype)
+            spec = self.spec
+            self._grouped = GroupedLoRAModel(model, spec.targets, spec.r, spec.alpha)
+            self._init_state = self._grouped.init_client_state(spec.init_seed)
+        return self._grouped
+
+    def _steps_batches(
+        self, trial: int, jobs: list[ClientJob]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(S, G, b, T) input ids, labels and attention mask of every step of every client in ``jobs``.
+
+        Clients with fewer than ``batch`` sequences draw smaller batches; their rows are padded to the
+        group's b with copies whose labels are all -100, which adds no labelled token and so leaves the
+        client's mean loss (and gradient) unchanged.
+        """
+        from clair_ray.workloads.lora.loop import batch_order
+
+        lw = self.lw
+        data = [self.train_data(trial, j.client_id) for j in jobs]
+        idx = [
+            batch_order(len(d["input_ids"]), lw.batch, lw.steps, j.seed)
+            for d, j in zip(data, jobs, strict=True)
+        ]
+        b = max(i.shape[1] for i in idx)
+        has_mask = "attention_mask" in data[0]
+        ids, labels, masks = [], [], []
+        for d, i in zip(data, idx, strict=True):  # i: (S, b_k)
+            pad = b - i.shape[1]
+            x, y = d["input_ids"][i], d["labels"][i]  # (S, b_k, T)
+            m = d["attention_mask"][i] if has_mask else None
+            if pad:
+                x = torch.cat([x, x[:, :1].expand(-1, pad, -1)], dim=1)
+                y = torch.cat([y, torch.full_like(y[:, :1], -100).expand(-1, pad, -1)], dim=1)
+                if m is not None:
+                    m = torch.cat([m, m[:, :1].expand(-1, pad, -1)], dim=1)
+            ids.append(x)
+            labels.append(y)
+            if m is not None:
+                masks.append(m)
+        mask = torch.stack(masks, dim=1) if has_mask else None
+        return torch.stack(ids, dim=1), torch.stack(labels, dim=1), mask  # (S, G, b, T) each
+
+    def _start_state(self, gm: Any, start: Factors | None) -> dict[str, Any]:
+        if start is None:
+            assert self._init_state is not None
+            return self._init_state
+        return gm.state_from_factors(start)
+
+    def _train_group(
+        self, trial: int, jobs: list[ClientJob], start: Factors | None
+    ) -> tuple[list, list | None, np.ndarray]:
+        """Trains G clients together; returns (final factors, early factors or None, (G,) last losses)."""
+        from clair_ray.workloads.lora.loop import adamw_steps
+
+        gm = self._resident()
+        device = next(gm.model.parameters()).device
+        lw = self.lw
+        ids, labels, mask = self._steps_batches(trial, jobs)
+        ids, labels = ids.to(device), labels.to(device)
+        mask = None if mask is None else mask.to(device)
+        gm.load_clients([self._start_state(gm, start)] * len(jobs))
+        gm.model.train()
+        early: list | None = None
+
+        def step_losses(s: int) -> torch.Tensor:
+            return gm.client_losses(ids[s], labels[s], None if mask is None else mask[s])  # (G,)
+
+        def snapshot(done: int) -> None:  # the early-stopped local baseline: AdamW's first steps don't
+            nonlocal early  # depend on how many follow, so this equals a separate short run
+            if done == lw.early_steps and not self.multi_round:
+                early = [gm.client_factors(g) for g in range(len(jobs))]
+
+        losses = adamw_steps(gm.parameters(), step_losses, lw.steps, lw.lr, after_step=snapshot)
+        final = [gm.client_factors(g) for g in range(len(jobs))]
+        return final, early, losses[-1].numpy()
+
+    def train_one(
+        self, trial: int, round_: int, k: int, start: Factors | None = None
+    ) -> tuple[Factors, float]:
+        """One client's local training with plain peft, one client at a time (the reference path).
+
+        The same batches, optimiser loop and numbers (up to float32 round-off) as the grouped path of
+        :meth:`train_batch`; what a Flower client or any one-client-per-call engine computes.
+
+        Args:
+            trial: Trial index.
+            round_: Round index (its seed addresses the batch order).
+            k: Client id.
+            start: The global adapter to start from (None: the common peft initialisation).
+
+        Returns:
+            (module -> (B (out, r), A (r, in)) float64, the last step's training loss).
+        """
+        from clair_ray.workloads.lora import adapters as lora
+        from clair_ray.workloads.lora.loop import batch_order
+
+        model = self._evaluator()
+        lora.reset_lora(model)
+        if start is not None:
+            lora.load_factors(model, start)
+        seed = seeds.derive_seed(self.cfg.seed, seeds.TRAIN, trial, round_, k)
+        data = self.train_data(trial, k)
+        losses = lora.train_peft(
+            model, data, batch_order(len(data["input_ids"]), self.lw.batch, self.lw.steps, seed), self.lw.lr
+        )
+        return lora.extract_factors(model), float(losses[-1]) if len(losses) else math.nan
+
+    def train_batch(self, trial: int, round_: int, jobs: list[ClientJob], start: Any) -> TrainOutput:
+        """Trains a batch of virtual clients in one group (the client actor's entry point).
+
+        Args:
+            trial: Trial index.
+            round_: Round index.
+            jobs: The clients, in client-id order.
+            start: Multi-round mode: the round's global adapter (None: the common initialisation).
+
+        Returns:
+            The payload ``{"final": StackedFactors, "early": StackedFactors or None}`` over the batch and
+            per-client info (``n_samples``, ``bytes_sent``, ``train_loss``); if training raises, every
+            client of the batch drops out with the traceback (they trained together).
+        """
+        import traceback
+
+        del round_
+        n = self.sizes(trial)
+        info: list[dict[str, Any]] = [
+            {"n_samples": int(n[j.client_id]), "bytes_sent": 0, "train_loss": math.nan} for j in jobs
+        ]
+        failed: dict[int, str] = {}
+        final: list[Factors | None] = [None] * len(jobs)
+        early: list[Factors | None] = [None] * len(jobs)
+        if jobs:
+            try:
+                f, e, losses = self._train_group(trial, jobs, start)
+                for i in range(len(jobs)):
+                    final[i] = f[i]
+                    early[i] = None if e is None else e[i]
+                    info[i]["train_loss"] = float(losses[i])
+            except Exception:  # the batch trained together, so it fails together (a dropout each)
+                tb = traceback.format_exc()
+                failed = dict.fromkeys(range(len(jobs)), tb)
+        template = next((f for f in final if f is not None), None)
+        payload: dict[str, Any] = {"final": {}, "early": None}  # {}: nobody in this batch trained
+        if template is not None:
+            nan_f = {m: (np.full_like(b, np.nan), np.full_like(a, np.nan)) for m, (b, a) in template.items()}
+            payload["final"] = _stack([f if f is not None else nan_f for f in final])
+            if self.lw.early_steps and any(x is not None for x in early):
+                payload["early"] = _stack([x if x is not None else nan_f for x in early])
+        for i, f in enumerate(final):
+            if f is not None and i not in failed:
+                info[i]["bytes_sent"] = sum(b.nbytes + a.nbytes for b, a in f.values())
+        return TrainOutput(payload=payload, info=info, failed=failed)
+
+    def corrupt_updates(self, payload: dict[str, Any], positions: list[int]) -> dict[str, Any]:
+        """The payload with the final (and early) factors of the clients at ``positions`` set to NaN."""
+        out: dict[str, Any] = {"final": {}, "early": None}
+        for key in ("final", "early"):
+            if payload[key] is None:
+                continue
+            out[key] = {}
+            for m, (b, a) in payload[key].items():
+                b, a = np.array(b, copy=True), np.array(a, copy=True)
+                b[positions], a[positions] = np.nan, np.nan
+                out[key][m] = (b, a)
+        return out
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def _evaluator(self) -> Any:
+        """The resident peft model (built on first use); callers load the adapter they need."""
+        from clair_ray.workloads.lora import adapters as lora
+
+        if self._peft is None:
+            self._quiet_transformers()
+            self._peft = lora.wrap_lora(self.load_base_model(), self.spec)
+        return self._peft
+
+    def evaluate_global(self, trial: int, factors: Factors, clients: Sequence[int] | None = None) -> float:
+        """Mean held-out loss of one global adapter over clients (default: every client).
+
+        Args:
+            trial: Trial index.
+            factors: Module -> (B, A), e.g. :func:`~clair_ray.workloads.lora.methods.fedavg_factors`.
+            clients: Which clients' test data (None: all K).
+
+        Returns:
+            The mean over clients of each client's mean held-out token loss.
+        """
+        ids = list(range(self.K) if clients is None else clients)
+        res = self.evaluate_clients(trial, ids, {}, dict.fromkeys(ids, factors))
+        return float(np.mean(res["test_loss"][ids]))
+
+    def _eval_grouped_model(self) -> Any:
+        """The resident grouped model (the one clients train on) and a pristine copy of its base weights."""
+        from clair_ray.workloads.lora import adapters as lora
+
+        if self._eval_grouped is None:
+            gm = self._resident()
+            originals = {n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()}
+            self._eval_grouped = (gm, originals)
+        return self._eval_grouped
+
+    @torch.no_grad()
+    def evaluate_clients(
+        self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, Factors]
+    ) -> dict[str, np.ndarray]:
+        """(K,) held-out metrics (``EVAL_METRICS``) of ``clients``: the shared corrected base + each one's
+        adapter, :func:`~clair_ray.workloads.lora.adapters.evaluate_lm`'s metrics for many clients per
+        forward (the one evaluation path).
+
+        The shared correction is added to the resident base weights (restored from a pristine copy
+        afterwards, so nothing accumulates between methods); each client's adapter, zero-padded to the
+        LoRA rank, is one group (:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate`).
+        """
+        from clair_ray.workloads.lora import adapters as lora
+        from clair_ray.workloads.lora.grouped import grouped_evaluate
+
+        res = nan_metrics(self.K)
+        if not clients:
+            return res
+        gm, originals = self._eval_grouped_model()
+        r = self.spec.r
+        try:
+            for n, layer in gm.layers.items():
+                w = lora.linear_weight(layer.base)  # (out, in) view
+                w.copy_(originals[n])
+                if n in corr:
+                    w.add_(torch.as_tensor(corr[n], dtype=w.dtype))
+            for c0 in range(0, len(clients), EVAL_GROUP):
+                chunk = clients[c0 : c0 + EVAL_GROUP]
+                states = []
+                for k in chunk:
+                    padded = {}
+                    for n, (b, a) in adapters[k].items():
+                        pb = np.zeros((b.shape[0], r))
+                        pa = np.zeros((r, a.shape[1]))
+                        pb[:, : b.shape[1]], pa[: a.shape[0]] = b, a
+                        padded[n] = (pb, pa)
+                    states.append(gm.state_from_factors(padded))
+                gm.load_clients(states)
+                out = grouped_evaluate(gm, [self.test_data(trial, k) for k in chunk], rows=EVAL_ROWS)
+                for j, k in enumerate(chunk):
+                    for name, key in EVAL_METRICS.items():
+                        res[name][k] = out[j][key]
+        finally:
+            for n, layer in gm.layers.items():
+                lora.linear_weight(layer.base).copy_(originals[n])
+        return res
+
+    def evaluate_batch(self, trial: int, plan: Any, clients: list[int]) -> dict[str, dict[str, Any]]:
+        """Held-out evaluation of some clients under every method of an evaluation plan (client actors).
+
+        Args:
+            trial: Trial index.
+            plan: The plan's data (:func:`clair_ray.workloads.lora.rounds.aggregate_round`): per method the
+                shared ``corr`` (module -> (out, in)), and either ``shared`` (one adapter for every client)
+                or ``adapters`` (client -> factors), and the ``clients`` it evaluates.
+            clients: The clients this call evaluates (each method evaluates those in its own list).
+
+        Returns:
+            Method -> ``{"clients": [...]}`` plus one list per ``EVAL_METRICS`` column.
+        """
+        out: dict[str, Any] = {}
+        for method, p in plan.items():
+            theirs = set(p["clients"])
+            mine = [k for k in clients if k in theirs]
+            if not mine:
+                continue
+            adapters = dict.fromkeys(mine, p["shared"]) if p["shared"] is not None else p["adapters"]
+            got = self.evaluate_clients(trial, mine, p["corr"], adapters)
+            out[method] = {"clients": mine, **{name: got[name][mine].tolist() for name in EVAL_METRICS}}
+        return out
+
+    # ---- aggregator actor ---------------------------------------------------------------------------
+    def aggregate_round(
+        self, trial: int, round_: int, groups: list[Group], prev: Any, evaluate: bool = False
+    ) -> RoundOutput:
+        """See :func:`clair_ray.workloads.lora.rounds.aggregate_round`."""
+        return rounds.aggregate_round(self, trial, round_, groups, prev, evaluate=evaluate)
