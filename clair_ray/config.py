@@ -24,12 +24,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clair_ray.aggregators import AGGREGATORS
+from clair_ray.attacks import ATTACKS
 from clair_ray.errors import ConfigError
 from clair_ray.workloads import LinearConfig
 from clair_ray.workloads.base import WorkloadConfig, check_fields, get_workload_class
 
 __all__ = [
     "AggregationConfig",
+    "build_config",
     "ConfigError",
     "ContaminationConfig",
     "EngineConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "plugin_paths",
     "to_dict",
     "to_yaml",
+    "unlisted_registrations",
     "validate",
 ]
 
@@ -293,6 +297,33 @@ class ExperimentConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def unlisted_registrations(cfg: ExperimentConfig) -> list[str]:
+    """Names the config uses that were registered by a module neither in the package nor in ``plugins``.
+
+    The driver knows them (something imported that module), but actors are other processes that import
+    only the package and the plugins, so a run must refuse them before any actor starts.
+
+    Returns:
+        One line per such name: the key, the name and the module that registered it.
+    """
+
+    def listed(module: str) -> bool:
+        return module.startswith("clair_ray.") or any(
+            module == p or module.startswith(p + ".") for p in cfg.plugins
+        )
+
+    used = [("workload.name", cfg.workload.name, get_workload_class(cfg.workload.name).__module__)]
+    used += [
+        (f"aggregation.methods[{i}]", m, AGGREGATORS[m].__module__)
+        for i, m in enumerate(cfg.aggregation.methods)
+        if m in AGGREGATORS
+    ]
+    used += [
+        (f"contamination.mix.{k}", k, ATTACKS[k].module) for k, w in cfg.contamination.mix.items() if w > 0
+    ]
+    return [f"{key}={name!r} is registered by module {mod!r}" for key, name, mod in used if not listed(mod)]
+
+
 def plugin_paths(names: list[str]) -> list[str]:
     """The ``sys.path`` entries that make the plugin modules importable (for processes started elsewhere).
 
@@ -343,8 +374,16 @@ def import_plugins(names: list[str], paths: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _build(parts: list[DictConfig], plugin_dirs: list[str] | None = None) -> ExperimentConfig:
-    """Imports the plugins, picks the workload section's schema, merges ``parts`` onto it, validates."""
+def build_config(parts: list[DictConfig], plugin_dirs: list[str] | None = None) -> ExperimentConfig:
+    """Imports the plugins, picks the workload section's schema, merges ``parts`` onto it, validates.
+
+    Args:
+        parts: Config layers, later ones win (a file, then overrides).
+        plugin_dirs: Directories the plugins are imported from (see :func:`plugin_paths`).
+
+    Raises:
+        ConfigError: As :func:`load_config`.
+    """
     try:
         raw = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
         plugins = list(raw.get("plugins") or [])
@@ -397,7 +436,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             parts.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc) from exc
-    return _build(parts)
+    return build_config(parts)
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -419,7 +458,7 @@ def from_dict(data: dict[str, Any], plugin_dirs: list[str] | None = None) -> Exp
         data: Plain containers, as :func:`to_dict` makes them.
         plugin_dirs: Directories the plugins are imported from (see :func:`plugin_paths`).
     """
-    return _build([OmegaConf.create(data)], plugin_dirs)
+    return build_config([OmegaConf.create(data)], plugin_dirs)
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from clair_ray import cli
 from clair_ray.report import ReportError, Results, attack_f1, build_report, read_sweep
-from clair_ray.sweep import PARTITION
+from clair_ray.results import PARTITION
 
 DATA = Path(__file__).resolve().parent / "data" / "sweep_linear_small"
 PLOTS = ("detection_f1.png", "honest_error.png", "subspace_error.png", "gain_heatmap.png")

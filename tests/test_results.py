@@ -10,6 +10,10 @@ import pandas as pd
 import pytest
 
 from clair_ray import results
+from clair_ray.workloads import LinearWorkload
+
+COLS = LinearWorkload.columns
+CLIENTS, SUMMARY = results.client_schema(COLS), results.summary_schema(COLS)
 
 
 def test_detection_scores() -> None:
@@ -52,9 +56,9 @@ def _rows() -> list[dict]:
 
 
 def test_summarize_and_files(tmp_path: Path) -> None:
-    t = results.table(_rows(), results.CLIENT_SCHEMA)
+    t = results.table(_rows(), CLIENTS)
     df = t.to_pandas()
-    summary, detection = results.summarize(df, {(0, "clair", 0): {"subspace_error": 0.1, "agg_s": 0.2}})
+    summary, detection = results.summarize(df, {(0, "clair", 0): {"subspace_error": 0.1, "agg_s": 0.2}}, COLS)
     s = pd.DataFrame(summary).set_index("method")
     # honest = clients 0, 1 (client 1 dropped for clair: excluded from the honest mean)
     assert s.loc["clair", "honest_mean_error"] == 1.0
@@ -66,13 +70,13 @@ def test_summarize_and_files(tmp_path: Path) -> None:
     assert bool(row.in_subspace) and row.flag_rate == 0.0
     tables = {
         "clients": t,
-        "summary": results.table(summary, results.SUMMARY_SCHEMA),
+        "summary": results.table(summary, SUMMARY),
         "detection": results.table(detection, results.DETECTION_SCHEMA),
     }
     results.write_tables(tmp_path, tables)
     back = results.read_tables(tmp_path)
-    assert list(back["clients"].columns) == results.CLIENT_SCHEMA.names
-    assert list(back["summary"].columns) == results.SUMMARY_SCHEMA.names
+    assert list(back["clients"].columns) == CLIENTS.names
+    assert list(back["summary"].columns) == SUMMARY.names
     text = results.format_summary(back["summary"], back["detection"])
     assert "clair" in text.splitlines()[0] and "fedavg" in text.splitlines()[0]
     assert "flagged[sign_flip]" in text
@@ -81,8 +85,16 @@ def test_summarize_and_files(tmp_path: Path) -> None:
 def test_schema_rejects_missing_columns() -> None:
     row = _rows()[0]
     del row["error"]
-    t = results.table([row], results.CLIENT_SCHEMA)  # missing values become nulls, never a new schema
-    assert t.schema == results.CLIENT_SCHEMA and t.column("error").null_count == 1
+    t = results.table([row], CLIENTS)  # missing values become nulls, never a new schema
+    assert t.schema == CLIENTS and t.column("error").null_count == 1
+
+
+def test_schemas_are_core_columns_plus_the_workload_columns() -> None:
+    assert set(results.CLIENT_SCHEMA.names) < set(CLIENTS.names)
+    own = set(CLIENTS.names) - set(results.CLIENT_SCHEMA.names)
+    assert own == {"error", "test_mse", "off_subspace", "noise_level"}
+    extra = set(SUMMARY.names) - set(results.SUMMARY_SCHEMA.names)
+    assert extra == {"honest_mean_error", "honest_mean_test_mse", "subspace_error"}
 
 
 @pytest.mark.parametrize("col", results.NONDETERMINISTIC_COLUMNS)

@@ -20,9 +20,6 @@ from clair_ray.aggregators.base import (
     get_aggregator,
     register_aggregator,
 )
-
-# The built-in methods register themselves on import (this order is the registry's order).
-from clair_ray.aggregators.clair_agg import Clair  # noqa: I001
 from clair_ray.aggregators.baselines import (
     FedAvg,
     GeometricMedian,
@@ -32,6 +29,9 @@ from clair_ray.aggregators.baselines import (
     Oracle,
     TrimmedMean,
 )
+
+# The built-in methods register themselves on import (this order is the registry's order).
+from clair_ray.aggregators.clair_agg import Clair  # noqa: I001
 
 __all__ = [
     "AGGREGATORS",

@@ -31,6 +31,14 @@ Everything here is pure torch / numpy: randomness comes only from the generator 
 
 from __future__ import annotations
 
+from clair_ray.attacks.data import TARGET_CORRUPTIONS, corrupt_targets
+from clair_ray.attacks.plan import (
+    Contamination,
+    assign_attacks,
+    assumed_attackers,
+    contamination_plan,
+    select_contaminated,
+)
 from clair_ray.attacks.registry import (
     ATTACKS,
     AttackContext,
@@ -46,14 +54,6 @@ from clair_ray.attacks.registry import (
 
 # The built-in kinds register themselves on import, update attacks first (the canonical order).
 from clair_ray.attacks.update import alie, alie_z, gaussian_noise, ipm, other_subspace, scaling, sign_flip  # noqa: I001
-from clair_ray.attacks.data import TARGET_CORRUPTIONS, corrupt_targets
-from clair_ray.attacks.plan import (
-    Contamination,
-    assign_attacks,
-    assumed_attackers,
-    contamination_plan,
-    select_contaminated,
-)
 
 __all__ = [
     "ATTACKS",

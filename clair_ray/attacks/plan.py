@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clair_ray.attacks._checks import check_int, check_real
-from clair_ray.attacks.registry import ATTACKS, is_data_attack
+from clair_ray.attacks.registry import canonical_order, is_data_attack
 
 
 def select_contaminated(num_clients: int, fraction: float, seed: int) -> list[int]:
@@ -67,9 +67,10 @@ def assign_attacks(
 
     Counts come from the largest-remainder (Hamilton) method on ``len(contaminated) * weight / sum``:
     each kind first gets the floor of its quota, and the leftover clients go to the largest remainders, ties
-    broken by the registry's order (the built-in update attacks, the built-in data attacks, then kinds
-    registered later). So the counts add up exactly and depend only on the mix and the number of clients;
-    the seed only decides *which* clients get which kind (a seeded permutation).
+    broken by :func:`~clair_ray.attacks.registry.canonical_order` (the package's update attacks, its data
+    attacks, then every other registered kind by name). So the counts add up exactly and depend only on
+    the mix and the number of clients; the seed only decides *which* clients get which kind (a seeded
+    permutation).
 
     Args:
         contaminated: Distinct contaminated client ids (any order).
@@ -89,7 +90,8 @@ def assign_attacks(
     ids = [check_int("contaminated[i]", c, 0) for c in contaminated]
     if len(set(ids)) != len(ids):
         raise ValueError(f"contaminated must not repeat client ids, got {list(contaminated)!r}")
-    valid = (*ATTACKS, *(k for k in extra_kinds if k not in ATTACKS))
+    registered = canonical_order()
+    valid = (*registered, *(k for k in extra_kinds if k not in registered))
     unknown = [k for k in mix if k not in valid]
     if unknown:
         raise ValueError(f"mix has unknown attack kind(s) {unknown!r}; valid kinds: {', '.join(valid)}")

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-
 DATA_PREFIX = "data_"
 
 
@@ -43,6 +42,7 @@ class AttackSpec:
         defaults: Parameter name -> default; ``contamination.params.<kind>`` may set exactly these.
         in_subspace: The result lies in the honest clients' subspace (no subspace method can see it).
         omniscient: The attack needs the round's honest updates.
+        module: The module that registered it (kinds from outside the package order by name).
     """
 
     kind: str
@@ -50,6 +50,7 @@ class AttackSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     in_subspace: bool = False
     omniscient: bool = False
+    module: str = ""
 
     @property
     def is_data(self) -> bool:
@@ -99,6 +100,7 @@ def register_attack(
             defaults=dict(defaults or {}),
             in_subspace=in_subspace,
             omniscient=omniscient,
+            module=str(getattr(fn, "__module__", "") or ""),
         )
         if old is not None and old != spec:
             # Re-importing the same module (a plugin imported twice) re-registers the same kind: allowed
@@ -109,6 +111,14 @@ def register_attack(
         return fn
 
     return deco
+
+
+def canonical_order() -> tuple[str, ...]:
+    """Every registered kind in the order :func:`~clair_ray.attacks.plan.assign_attacks` breaks ties by: the
+    package's own kinds in registration order (fixed by its imports), then every other kind by name, so the
+    order is the same in every process whatever order plugins were imported in."""
+    own = [k for k, s in ATTACKS.items() if s.module.startswith("clair_ray.")]
+    return (*own, *sorted(k for k in ATTACKS if k not in own))
 
 
 def update_kinds() -> tuple[str, ...]:

@@ -98,11 +98,7 @@ class ClientWorker:
         ]
         for m in meta:
             if m["client_id"] in fail:
-                m.update(
-                    ok=False,
-                    trained=False,
-                    traceback=f"debug_fail_clients: client {m['client_id']} fails on purpose",
-                )
+                m.update(ok=False, trained=False, traceback=_debug_failure(m["client_id"]))
         payload: Any = None
         pos = {j.client_id: i for i, j in enumerate(run)}
         if run:
@@ -131,6 +127,14 @@ class ClientWorker:
             m.setdefault("bytes_sent", 0)
             m["train_s"] = dt
         return meta, payload
+
+
+def _debug_failure(k: int) -> str:
+    """The traceback of the ``engine.debug_fail_clients`` hook: a real exception, as a client would raise."""
+    try:
+        raise RuntimeError(f"debug_fail_clients: client {k} fails on purpose")
+    except RuntimeError:
+        return traceback.format_exc()
 
 
 @ray.remote

@@ -24,7 +24,14 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from clair_ray import results, seeds
-from clair_ray.config import ExperimentConfig, fingerprint, plugin_paths, to_dict, to_yaml
+from clair_ray.config import (
+    ExperimentConfig,
+    fingerprint,
+    plugin_paths,
+    to_dict,
+    to_yaml,
+    unlisted_registrations,
+)
 from clair_ray.engine import checkpoint
 from clair_ray.engine.actors import AggregatorActor, ClientActor
 from clair_ray.engine.session import EngineError, check_resources, ray_session
@@ -124,6 +131,9 @@ class Runner:
             raise EngineError(
                 f"client actors did not start within engine.call_timeout_s={self.timeout}"
             ) from exc
+        except RayActorError as exc:
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            raise EngineError(f"client actors failed to start: {lines[-1] if lines else exc}") from exc
         self.pids = [i["pid"] for i in infos]
 
     def stop_actors(self) -> None:
@@ -433,6 +443,12 @@ class Runner:
     # ---- whole run ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg, rounds = self.cfg, self._rounds()
+        unlisted = unlisted_registrations(cfg)
+        if unlisted:  # the actors (other processes) import only the package and the plugins
+            raise EngineError(
+                "the actors could not run these; add the modules to plugins: [...] in the config:\n  "
+                + "\n  ".join(unlisted)
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.workload.prepare(self.progress)  # e.g. build a cached base model once, before any actor

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clair_ray.config import ConfigError, ExperimentConfig, validate
+from clair_ray.config import ConfigError, ExperimentConfig, build_config, validate
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 # Sweeping these would not change a result, or would break the trial layout.
@@ -215,7 +215,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base_file = new_base[-1] if new_base else raw.pop("base", None)  # base=FILE swaps the base config
     raw.pop("base", None)
     try:
-        parts: list[Any] = [OmegaConf.structured(ExperimentConfig)]
+        parts: list[Any] = []
         if base_file is not None:
             bpath = Path(str(base_file))
             if not bpath.is_absolute() and (path.parent / bpath).exists():
@@ -226,9 +226,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         parts.append(raw)
         if base_over:
             parts.append(OmegaConf.from_dotlist(base_over))
-        base = OmegaConf.to_object(OmegaConf.merge(*parts))
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from exc
+    base = build_config(parts)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), section)
         if sweep_over:

@@ -412,7 +412,8 @@ class LinearWorkload(Workload):
                     res = agg.aggregate(sent[active], ctx) if active else None
                 except Exception as exc:
                     raise MethodError(
-                        f"trial {trial} round {round_}: method {method!r} failed on {len(active)} clients: {exc}"
+                        f"trial {trial} round {round_}: method {method!r} failed on {len(active)} clients: "
+                        f"{exc}"
                     ) from exc
                 agg_s = time.perf_counter() - t0
                 result = torch.full_like(sent, float("nan"))  # (K, p, q)

@@ -49,10 +49,11 @@ def _ctx(k: int, u: torch.Tensor | None = None, bad: tuple[int, ...] = (), **kw:
 
 
 def test_registry_names_and_unknown_name() -> None:
-    assert set(available_aggregators()) == set(BASELINES) | {"clair"}
+    # Other test modules may register their own methods: the built-ins must all be there.
+    assert set(available_aggregators()) >= set(BASELINES) | {"clair"}
     for name in available_aggregators():
         assert get_aggregator(name).name == name
-    with pytest.raises(ValueError, match="valid names: clair, fedavg"):
+    with pytest.raises(ValueError, match="valid names: .*clair"):
         get_aggregator("krum")
     with pytest.raises(ValueError, match="max_iters"):
         get_aggregator("geometric_median", max_iters=5)

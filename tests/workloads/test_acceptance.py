@@ -1,4 +1,4 @@
-"""Issue 3's acceptance figure on configs/linear.yaml, computed without Ray (same functions as the engine).
+"""The linear workload's acceptance figure on configs/linear.yaml, computed without Ray (same functions as the engine).
 
 On 5 trials: CLAIR's honest-client mean error is below local, fedavg and every robust baseline, and its
 detection F1 against the truth ("energy outside U above the noise level") is at least 0.95.
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from round_helpers import flat, one_round
+
 from clair_ray.config import load_config
-from clair_ray.engine.aggregate import Group, aggregate_round
 from clair_ray.results import detection_scores
 from clair_ray.workloads import get_workload
 
@@ -27,17 +28,9 @@ def test_linear_yaml_acceptance() -> None:
     wl = get_workload(cfg)
     K = cfg.workload.num_clients
     for trial in range(cfg.trials):
-        ups, level, scale = [], np.zeros(K), np.zeros(K)
-        for k in range(K):
-            u, info = wl.train(trial, 0, k, None)
-            ups.append(u)
-            level[k], scale[k] = info["noise_level"], info["noise_scale"]
-        group = Group(methods=list(cfg.aggregation.methods), updates=np.stack(ups), dropped=[])
-        metas, _ = aggregate_round(
-            cfg, wl, trial, 0, [group], {"noise_level": level, "noise_scale": scale}, None
-        )
+        metas = flat(one_round(wl, trial))
         honest = np.ones(K, bool)
-        honest[wl.problem(trial).contaminated] = False
+        honest[wl.contamination(trial).contaminated] = False
         err = {m: float(v["error"][honest].mean()) for m, v in metas.items()}
         for rival in ("local", "fedavg", "median", "trimmed_mean", "multi_krum", "geometric_median"):
             assert err["clair"] < err[rival], (trial, err)

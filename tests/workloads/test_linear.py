@@ -13,7 +13,7 @@ BASE = [
     "workload.num_clients=10",
     "workload.p=6",
     "workload.q=3",
-    "workload.r=2",
+    "workload.true_rank=2",
     "workload.n_min=10",
     "workload.n_median=30",
 ]
@@ -49,7 +49,7 @@ def test_updates_live_in_u_plus_offset() -> None:
 
 def test_noiseless_ols_recovers_truth() -> None:
     wl = make("workload.noise_std=0")
-    M, info = wl.train(0, 0, 3, None)
+    M, info = wl.train(0, 3, None)
     assert info["noise_level"] == 0.0 and info["noise_scale"] > 0
     assert np.allclose(M, wl.problem(0).W[3].numpy())
     assert wl.errors(0, torch.from_numpy(M)[None].expand(10, -1, -1))["error"][3] < 1e-10
@@ -67,7 +67,7 @@ def test_noise_level_matches_ols_error() -> None:
     )
     ratios = []
     for k in range(40):
-        M, info = wl.train(0, 0, k, None)
+        M, info = wl.train(0, k, None)
         lvl = info["noise_level"]
         ratios.append(wl.off_subspace_energy(0, torch.from_numpy(M)[None])[0] / lvl)
     assert 0.85 < float(np.mean(ratios)) < 1.15
@@ -79,14 +79,14 @@ def test_multi_round_gradient_steps_approach_ols() -> None:
     start = wl.initial_model()
     gaps = []
     for r in range(4):
-        start, _ = wl.train(0, r, 2, start)
+        start, _ = wl.train(0, 2, start)
         gaps.append(np.linalg.norm(start - ols))
     assert all(b < a for a, b in zip(gaps, gaps[1:], strict=False))
 
 
 def test_data_contamination_changes_targets() -> None:
     wl = make("contamination.fraction=0.5", "contamination.mix={data_random: 1.0}")
-    prob = wl.problem(0)
+    prob = wl.contamination(0)
     assert len(prob.contaminated) == 5 and all(prob.is_data_attack(k) for k in prob.contaminated)
     clean = make().client_data(0, prob.contaminated[0])[1]
     dirty = wl.client_data(0, prob.contaminated[0])[1]

@@ -1,1 +1,1 @@
-"""The copy-task workload: ``task`` (variants, base model, data; no Ray) and ``workload`` (the engine side)."""
+"""The copy-task workload: ``task`` (variants, base model, data; no Ray) and ``workload`` (engine side)."""

@@ -26,8 +26,8 @@ Everything is deterministic given the seeds; ``torch.set_num_threads`` is left t
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import shutil
 import tempfile

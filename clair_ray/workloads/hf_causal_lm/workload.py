@@ -16,7 +16,8 @@ What runs where:
 - **Client actors**: load the base model once (:meth:`HFCausalLMWorkload.load_base_model`) and tokenise
   the data once per process (cached), then train their batch of clients on their (possibly corrupted)
   training rows.
-- **Evaluation** (client actors, under the aggregator's plan): each honest client on its own clean held-out rows (token loss and
+- **Evaluation** (client actors, under the aggregator's plan): each honest client on its own clean
+  held-out rows (token loss and
   exact match of every real token under teacher forcing).
 
 Data, per trial, all a deterministic function of (config, root seed, trial), so every process rebuilds
@@ -62,8 +63,8 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -165,7 +166,7 @@ class HFCausalLMConfig(LoRAWorkloadConfig):
 
 
 def corruption_params(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
-    """``contamination.params.<kind>`` of a text data attack (the vocabulary size comes from the tokenizer)."""
+    """``contamination.params.<kind>`` of a text data attack (the vocabulary size is the tokenizer's)."""
     params = dict(cfg.contamination.params.get(kind, {}))
     if "num_classes" in params:
         raise ValueError(

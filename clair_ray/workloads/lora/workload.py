@@ -49,7 +49,7 @@ from clair_ray.workloads.base import (
 from clair_ray.workloads.lora import rounds
 from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
-from clair_ray.workloads.lora.spec import LoRAWorkloadConfig, LoraSpec
+from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig
 
 if TYPE_CHECKING:
     from clair_ray.config import ExperimentConfig
@@ -139,7 +139,8 @@ class LoRAWorkload(Workload):
                     rank is not None or not needs_rank,
                     "rank",
                     rank,
-                    f"must be set for {needs_rank} on LoRA workloads (the refinement rank is not chosen from the data yet)",
+                    f"must be set for {needs_rank} on LoRA workloads (the rank is not chosen from the "
+                    "data there yet)",
                 ),
                 (rank is None or 1 <= rank <= lw.r, "rank", rank, f"must be in [1, workload.lora.r={lw.r}]"),
             ],
@@ -190,17 +191,10 @@ class LoRAWorkload(Workload):
 
         hf_logging.disable_progress_bar()
 
-    @staticmethod
-    def _quiet_transformers() -> None:
-        """One "Loading weights" progress bar per actor is noise in a run's output."""
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
     # ---- shared -------------------------------------------------------------------------------------
     @property
     def spec(self) -> LoraSpec:
-        """The LoRA knobs, targets resolved (the workload's default when ``workload.lora.targets`` is empty)."""
+        """The LoRA knobs, targets resolved (the workload's default if ``workload.lora.targets`` is empty)."""
         if self._spec is None:
             self._spec = replace(self.lw, targets=list(self.lw.targets) or self.default_targets())
         return self._spec

@@ -10,13 +10,13 @@ import torch
 import transformers
 
 import clair_ray
-from clair_ray.workloads import copy_task as ct
-from clair_ray.workloads import lora
+from clair_ray.workloads.copy_task import task as ct
+from clair_ray.workloads.lora import adapters as lora
 
 SMALL = ct.CopyBaseConfig(
-    vocab_size=16, prefix_len=4, n_layer=1, n_embd=32, n_head=2, base_steps=20, base_batch_size=16
+    vocab_size=16, prefix_len=4, n_layer=1, n_embd=32, n_head=2, steps=20, batch_size=16
 )
-SPEC = lora.LoraSpec(r=2, alpha=4.0)
+SPEC = lora.LoraSpec(r=2, alpha=4.0, targets=ct.default_targets("gpt2"))
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,10 @@ def task(**kw: object) -> ct.CopyTaskConfig:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"arch": "bert"}, r"CopyBaseConfig\.arch.*'bert'"),
-        ({"vocab_size": 2}, r"CopyBaseConfig\.vocab_size.*2"),
-        ({"n_embd": 30, "n_head": 4}, r"n_embd=30.*n_head=4"),
-        ({"base_lr": 0.0}, r"CopyBaseConfig\.base_lr.*0\.0"),
+        ({"arch": "bert"}, r"workload\.base\.arch='bert'"),
+        ({"vocab_size": 2}, r"workload\.base\.vocab_size=2"),
+        ({"n_embd": 30, "n_head": 4}, r"workload\.base\.n_head=4: must divide n_embd=30"),
+        ({"lr": 0.0}, r"workload\.base\.lr=0\.0"),
     ],
 )
 def test_base_config_validation(kw: dict, match: str) -> None:
@@ -46,7 +46,7 @@ def test_base_config_validation(kw: dict, match: str) -> None:
 def test_task_config_validation() -> None:
     with pytest.raises(ValueError, match=r"heterogeneity.*1\.5"):
         task(heterogeneity=1.5)
-    with pytest.raises(ValueError, match=r"n_common \+ n_personal = 20"):
+    with pytest.raises(ValueError, match=r"workload\.n_common=10: n_common \+ n_personal must be <= "):
         task(n_common=10, n_personal=10)
     with pytest.raises(ValueError, match=r"n_clusters.*0"):
         task(n_clusters=0)
@@ -132,7 +132,7 @@ def test_corruption_kinds_do_what_they_say() -> None:
 
 # ---- base cache ---------------------------------------------------------------------------------------
 def test_base_cache_hit_reloads_via_from_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = ct.CopyBaseConfig(vocab_size=8, prefix_len=2, n_layer=1, n_embd=16, n_head=2, base_steps=3)
+    cfg = ct.CopyBaseConfig(vocab_size=8, prefix_len=2, n_layer=1, n_embd=16, n_head=2, steps=3)
     path = ct.build_base(cfg, tmp_path)
     trained = ct.load_base(path).state_dict()
 
@@ -152,8 +152,8 @@ def test_base_cache_hit_reloads_via_from_pretrained(tmp_path: Path, monkeypatch:
     again = ct.load_base(path)
     assert calls == [str(path)]
     assert all(torch.equal(v, trained[k]) for k, v in again.state_dict().items())
-    assert ct.base_metrics(path)["config"]["base_steps"] == 3
-    other = ct.CopyBaseConfig(vocab_size=8, prefix_len=2, n_layer=1, n_embd=16, n_head=2, base_steps=4)
+    assert ct.base_metrics(path)["config"]["steps"] == 3
+    other = ct.CopyBaseConfig(vocab_size=8, prefix_len=2, n_layer=1, n_embd=16, n_head=2, steps=4)
     assert ct.base_key(other) != ct.base_key(cfg)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary leftovers
 
@@ -172,7 +172,7 @@ def test_train_client_deterministic_and_reusable(base_path: Path) -> None:
     f3, l3 = ct.train_client(resident, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3)
     assert l3 == l1 and all(np.array_equal(f1[n][0], f3[n][0]) for n in f1)
     with pytest.raises(ValueError, match=r"spec\.r=3 differs"):
-        ct.train_client(resident, lora.LoraSpec(r=3), data, steps=1, lr=1e-2, batch_size=4, seed=3)
+        ct.train_client(resident, lora.LoraSpec(r=3, targets=ct.default_targets("gpt2")), data, steps=1, lr=1e-2, batch_size=4, seed=3)
     _, l4 = ct.train_client(base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=4)
     assert l4 != l1
     # Factors shapes: B (out, r), A (r, in) for every adapted module (2 per attention + 2 MLP).
@@ -218,10 +218,10 @@ def test_end_to_end_six_clients_into_clair(base_path: Path) -> None:
 
 def test_llama_base_and_client(tmp_path: Path) -> None:
     cfg = ct.CopyBaseConfig(
-        arch="llama", vocab_size=12, prefix_len=3, n_layer=1, n_embd=16, n_head=2, base_steps=3
+        arch="llama", vocab_size=12, prefix_len=3, n_layer=1, n_embd=16, n_head=2, steps=3
     )
     path = ct.build_base(cfg, tmp_path)
-    spec = lora.LoraSpec(r=2, alpha=2.0, target_modules=ct.default_targets("llama"))
+    spec = lora.LoraSpec(r=2, alpha=2.0, targets=ct.default_targets("llama"))
     data = ct.client_data(ct.CopyTaskConfig(base=cfg, n_common=2, n_personal=1), 0, 0, 4)
     f, loss = ct.train_client(path, spec, data, steps=2, lr=1e-2, batch_size=4, seed=0)
     assert len(f) == 7 and np.isfinite(loss)

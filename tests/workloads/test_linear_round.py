@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from round_helpers import flat, one_round
+
+from clair_ray import attacks, seeds
 from clair_ray.config import load_config
-from clair_ray.engine import seeds
-from clair_ray.engine.aggregate import Group, aggregate_round, n_attackers_assumed
 from clair_ray.workloads import get_workload
 
 torch.set_num_threads(1)  # as in the actors: float results must not depend on thread scheduling
@@ -17,7 +18,7 @@ BASE = [
     "workload.num_clients=12",
     "workload.p=8",
     "workload.q=4",
-    "workload.r=2",
+    "workload.true_rank=2",
     "workload.n_min=16",
     "workload.n_median=40",
     "workload.noise_std=0.3",
@@ -30,18 +31,8 @@ BASE = [
 def run(*extra: str, fail: tuple[int, ...] = (), nonfinite: tuple[int, ...] = ()):
     cfg = load_config(None, [*BASE, *extra])
     wl = get_workload(cfg)
-    K = cfg.workload.num_clients
-    ups, level, scale = [], np.zeros(K), np.zeros(K)
-    for k in range(K):
-        u, info = wl.train(0, 0, k, None)
-        ups.append(u)
-        level[k], scale[k] = info["noise_level"], info["noise_scale"]
-    ups = np.stack(ups)  # (K, p, q)
-    ups[list(fail)] = np.nan
-    ups[list(nonfinite)] = np.nan
-    group = Group(methods=list(cfg.aggregation.methods), updates=ups, dropped=list(fail))
-    metas, nexts = aggregate_round(cfg, wl, 0, 0, [group], {"noise_level": level, "noise_scale": scale}, None)
-    return cfg, wl, metas, nexts
+    res = one_round(wl, fail=fail, nonfinite=nonfinite)
+    return cfg, wl, flat(res), res.nexts
 
 
 def test_clair_ignores_the_assumed_fraction_baselines_get() -> None:
@@ -55,13 +46,14 @@ def test_clair_ignores_the_assumed_fraction_baselines_get() -> None:
 
 def test_n_attackers_comes_from_config() -> None:
     cfg = load_config(None, [*BASE, "aggregation.assumed_fraction=0.2"])
-    assert n_attackers_assumed(cfg, 12) == 2
-    assert n_attackers_assumed(load_config(None, BASE), 12) == 3
+    a = cfg.aggregation
+    assert attacks.assumed_attackers(a.assumed_fraction, cfg.contamination.fraction, 12) == 2
+    assert attacks.assumed_attackers(None, cfg.contamination.fraction, 12) == 3
 
 
 def test_every_method_runs_and_clair_beats_local() -> None:
     _, wl, metas, nexts = run()
-    honest = [k for k in range(12) if k not in wl.problem(0).contaminated]
+    honest = [k for k in range(12) if k not in wl.contamination(0).contaminated]
     assert set(metas) == {
         "clair",
         "fedavg",
@@ -80,7 +72,7 @@ def test_every_method_runs_and_clair_beats_local() -> None:
 def test_attacks_are_applied_and_deterministic() -> None:
     _, wl, a, _ = run()
     _, _, b, _ = run()
-    prob = wl.problem(0)
+    prob = wl.contamination(0)
     k = next(c for c, kind in prob.attack.items() if kind == "gaussian_noise")
     assert a["local"]["update_norm"][k] == b["local"]["update_norm"][k]
     honest_norm = np.median(a["local"]["update_norm"][[c for c in range(12) if c not in prob.attack]])

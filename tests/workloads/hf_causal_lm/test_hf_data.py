@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import clair_ray
-from clair_ray.workloads import hf_causal_lm as hf
-from clair_ray.workloads import lora
+from clair_ray.workloads.hf_causal_lm import data as hf
+from clair_ray.workloads.lora import adapters as lora
 
 WORDS = ["red", "green", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "the", "a", "big"]
 
@@ -82,7 +82,7 @@ def test_model_train_extract_evaluate(model_dir: tuple[str, Path], data_files: d
         hf.PartitionConfig(kind="dirichlet", alpha=0.5), len(texts), 4, seed=0, labels=labels
     )
     targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "up_proj"]
-    spec = lora.LoraSpec(r=2, alpha=4.0, target_modules=targets)
+    spec = lora.LoraSpec(r=2, alpha=4.0, targets=targets)
     base = hf.load_model(path)  # the real from_pretrained path
     before = hf.evaluate(base, data)
     factors = []

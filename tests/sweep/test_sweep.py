@@ -20,9 +20,10 @@ import pytest
 from clair_ray import results
 from clair_ray.config import ConfigError
 from clair_ray.report import read_sweep
-from clair_ray.sweep import PARTITION, SweepError, bundles, candidate_points, load_sweep, run_sweep
+from clair_ray.results import PARTITION
+from clair_ray.sweep import SweepError, bundles, candidate_points, load_sweep, run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Per trial: 0.5 (driver) + 0.25 (client actor) + 0.25 (aggregator) = 1 CPU, so two trials fill the
 # session's 2 CPUs. An actor that left its trial's placement group would find no free CPU and the run
@@ -113,7 +114,7 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path: Path, params: str, extra
 
 
 def test_lists_can_be_swept_and_are_stored_as_json(tmp_path: Path) -> None:
-    from clair_ray.sweep import _column_type, _column_value
+    from clair_ray.sweep.spec import _column_type, _column_value
 
     sw = load_sweep(write_sweep(tmp_path, "m", "    aggregation.methods: {grid: [[clair, fedavg], [local]]}"))
     spec = sw.sweep.params["aggregation.methods"]

@@ -19,14 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clair_ray.config import ConfigError, load_config
-from clair_ray.engine import seeds
-from clair_ray.workloads import get_workload
-from clair_ray.workloads import hf_causal_lm as hf
-from clair_ray.workloads import hf_causal_lm_engine as hfe
-from clair_ray.workloads.hf_causal_lm_engine import HFCausalLMWorkload
+from round_helpers import flat
 
-REPO = Path(__file__).resolve().parents[2]
+from clair_ray.config import ConfigError, load_config
+from clair_ray import seeds
+from clair_ray.workloads import get_workload
+from clair_ray.workloads.base import ClientJob, Group
+from clair_ray.workloads.hf_causal_lm import data as hf
+from clair_ray.workloads.hf_causal_lm import workload as hfe
+from clair_ray.workloads.hf_causal_lm.workload import HFCausalLMWorkload
+
+REPO = Path(__file__).resolve().parents[3]
 SMALL = REPO / "configs" / "hf_causal_lm_small.yaml"
 ALL_METHODS = [
     "clair",
@@ -76,8 +79,8 @@ def config(tmp: Path, files: dict[str, Path], *overrides: str, model: str = "gpt
         SMALL,
         [
             f"output_dir={tmp / 'run'}",
-            f"workload.hf_causal_lm.name_or_path={files[model]}",
-            f"workload.hf_causal_lm.data_path={files[data]}",
+            f"workload.name_or_path={files[model]}",
+            f"workload.data_path={files[data]}",
             *overrides,
         ],
     )
@@ -101,29 +104,29 @@ def test_make_dataset_is_seeded_and_balanced(maker: ModuleType) -> None:
 
 def test_shipped_yaml_loads_with_overrides(tmp_path: Path, files: dict[str, Path]) -> None:
     plain = load_config(SMALL)  # relative paths: validation only checks they are named
-    assert plain.workload.name == "hf_causal_lm" and plain.workload.hf_causal_lm.partition == "dirichlet"
-    assert plain.workload.hf_causal_lm.name_or_path == "results/tiny_hf/model"
-    cfg = config(tmp_path, files, "workload.hf_causal_lm.partition=iid", "workload.lora.steps=6")
-    assert cfg.workload.hf_causal_lm.name_or_path == str(files["gpt2"]) and cfg.workload.lora.steps == 6
+    assert plain.workload.name == "hf_causal_lm" and plain.workload.partition == "dirichlet"
+    assert plain.workload.name_or_path == "results/tiny_hf/model"
+    cfg = config(tmp_path, files, "workload.partition=iid", "workload.lora.steps=6")
+    assert cfg.workload.name_or_path == str(files["gpt2"]) and cfg.workload.lora.steps == 6
     assert list(cfg.aggregation.methods) == ["clair", "fedavg", "fedavg_honest", "local", "oracle", "median"]
     assert isinstance(get_workload(cfg), HFCausalLMWorkload)
-    with pytest.raises(ConfigError, match=r"workload\.hf_causal_lm\.partition='zipf'"):
-        config(tmp_path, files, "workload.hf_causal_lm.partition=zipf")
-    with pytest.raises(ConfigError, match=r"workload\.hf_causal_lm\.label_column=None"):
-        config(tmp_path, files, "workload.hf_causal_lm.label_column=null")
+    with pytest.raises(ConfigError, match=r"workload\.partition='zipf'"):
+        config(tmp_path, files, "workload.partition=zipf")
+    with pytest.raises(ConfigError, match=r"workload\.label_column=None"):
+        config(tmp_path, files, "workload.label_column=null")
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "quantity"])
 def test_partition_split_is_disjoint_and_seeded(
     tmp_path: Path, files: dict[str, Path], partition: str
 ) -> None:
-    over = [f"workload.hf_causal_lm.partition={partition}", "workload.hf_causal_lm.min_size=4"]
+    over = [f"workload.partition={partition}", "workload.min_size=4"]
     cfg = config(tmp_path, files, *over)
     wl = get_workload(cfg)
     K, n_all = cfg.workload.num_clients, len(wl.texts()[0])
     train, test = wl.client_indices(0)
     assert len(train) == len(test) == K
-    assert wl.client_sizes(0).tolist() == [len(t) for t in train] == wl.problem(0).n.tolist()
+    assert wl.client_sizes(0).tolist() == [len(t) for t in train] == wl.sizes(0).tolist()
     assert all(len(tr) >= 1 and len(te) >= 1 for tr, te in zip(train, test, strict=True))
     every = np.concatenate(train + test)
     assert np.array_equal(np.sort(every), np.arange(n_all)), "each sample in exactly one client's split"
@@ -168,7 +171,7 @@ def test_parquet_caches_and_max_samples(tmp_path: Path, files: dict[str, Path]) 
     assert get_workload(config(tmp_path, files)).texts() is js.texts()
     assert get_workload(config(tmp_path, files)).tokens(0) is js.tokens(0)
     sub = get_workload(
-        config(tmp_path, files, "workload.hf_causal_lm.max_samples=80", "workload.hf_causal_lm.partition=iid")
+        config(tmp_path, files, "workload.max_samples=80", "workload.partition=iid")
     )
     train, test = sub.client_indices(0)
     used = np.sort(np.concatenate(train + test))
@@ -181,7 +184,7 @@ def test_parquet_caches_and_max_samples(tmp_path: Path, files: dict[str, Path]) 
 
 def test_too_little_data_is_a_clear_error(tmp_path: Path, files: dict[str, Path]) -> None:
     wl = get_workload(
-        config(tmp_path, files, "workload.hf_causal_lm.max_samples=12", "workload.hf_causal_lm.partition=iid")
+        config(tmp_path, files, "workload.max_samples=12", "workload.partition=iid")
     )
     with pytest.raises(ValueError, match=r"fewer than 2 samples"):
         wl.client_sizes(0)
@@ -227,7 +230,7 @@ def test_data_attack_corrupts_only_that_clients_training_labels(
 ) -> None:
     clean = get_workload(config(tmp_path, files, "contamination.fraction=0.0"))
     bad = get_workload(config(tmp_path, files, *only(kind)))
-    prob = bad.problem(0)
+    prob = bad.contamination(0)
     assert len(prob.contaminated) == 2 and set(prob.attack.values()) == {kind}
     V = bad.vocab_size()
     for k in range(bad.K):
@@ -266,9 +269,9 @@ def test_grouped_batch_equals_plain_peft_with_unequal_sizes(
     cfg = config(
         tmp_path,
         files,
-        "workload.hf_causal_lm.partition=quantity",
-        "workload.hf_causal_lm.partition_alpha=0.5",
-        "workload.hf_causal_lm.min_size=4",
+        "workload.partition=quantity",
+        "workload.partition_alpha=0.5",
+        "workload.min_size=4",
         "workload.lora.targets=[]",  # peft's default for the architecture
         "workload.lora.steps=4",
         "workload.lora.early_steps=2",
@@ -276,15 +279,16 @@ def test_grouped_batch_equals_plain_peft_with_unequal_sizes(
         model=arch,
     )
     wl = get_workload(cfg)
-    assert wl.spec.target_modules == (["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"])
+    assert wl.spec.targets == (["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"])
     sizes = wl.client_sizes(0)
     small, big = int(np.argmin(sizes)), int(np.argmax(sizes))
     mid = next(k for k in range(wl.K) if k not in (small, big) and sizes[k] != sizes[small])
     assert sizes[small] < cfg.workload.lora.batch <= sizes[big]  # the small client's batches get padded
     ks = sorted({small, mid, big})
-    jobs = [(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in ks]
-    meta, grouped = wl.train_batch(0, 0, jobs, actor_id=0, fail=[])
-    assert all(m["ok"] for m in meta), [m["traceback"] for m in meta]
+    jobs = [ClientJob(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in ks]
+    out = wl.train_batch(0, 0, jobs, None)
+    meta, grouped = out.info, out.payload
+    assert not out.failed, out.failed
     assert [m["n_samples"] for m in meta] == [int(sizes[k]) for k in ks]
     assert grouped["early"] is not None
     for i, k in enumerate(ks):
@@ -310,12 +314,13 @@ def test_aggregate_round_without_ray(tmp_path: Path, files: dict[str, Path]) -> 
     wl = get_workload(cfg)
     wl.prepare()
     K = cfg.workload.num_clients
-    jobs = [(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in range(K)]
-    _, payload = wl.train_batch(0, 0, jobs, actor_id=0, fail=[])
-    group = {"methods": ALL_METHODS, "dropped": [], "batches": [(list(range(K)), payload)]}
-    metas, nxt = wl.aggregate_round(0, 0, [group], {}, None)
+    jobs = [ClientJob(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in range(K)]
+    payload = wl.train_batch(0, 0, jobs, None).payload
+    group = Group(ALL_METHODS, [(list(range(K)), payload)], [], {})
+    res = wl.aggregate_round(0, 0, [group], None, evaluate=True)
+    metas, nxt = flat(res), res.nexts
     assert nxt == {} and set(metas) == set(ALL_METHODS)
-    prob = wl.problem(0)
+    prob = wl.contamination(0)
     honest = [k for k in range(K) if k not in prob.attack]
     for method, m in metas.items():
         assert np.isfinite(m["test_loss"][honest]).all(), method
@@ -337,8 +342,8 @@ def test_small_yaml_runs_on_ray(tmp_path: Path, maker: ModuleType) -> None:
         SMALL,
         [
             f"output_dir={tmp_path / 'run'}",
-            f"workload.hf_causal_lm.name_or_path={out / 'model'}",
-            f"workload.hf_causal_lm.data_path={out / 'data.jsonl'}",
+            f"workload.name_or_path={out / 'model'}",
+            f"workload.data_path={out / 'data.jsonl'}",
             "workload.lora.steps=10",
         ],
     )
@@ -360,13 +365,13 @@ def test_grouped_evaluation_equals_peft_on_padded_text(tmp_path: Path, files: di
 
     Rows carry attention-mask zeros and clients hold unequal numbers of test sequences.
     """
-    from clair_ray.workloads import lora
+    from clair_ray.workloads.lora import adapters as lora
 
     cfg = config(
         tmp_path,
         files,
-        "workload.hf_causal_lm.partition=quantity",
-        "workload.hf_causal_lm.min_size=4",
+        "workload.partition=quantity",
+        "workload.min_size=4",
         "workload.lora.steps=3",
         "workload.lora.early_steps=1",
     )
@@ -374,10 +379,10 @@ def test_grouped_evaluation_equals_peft_on_padded_text(tmp_path: Path, files: di
     ks = [0, 1, 2, 3]
     assert len({len(wl.test_data(0, k)["input_ids"]) for k in ks}) > 1
     assert any((wl.test_data(0, k)["attention_mask"] == 0).any() for k in ks)
-    jobs = [(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in ks]
-    _, pl = wl.train_batch(0, 0, jobs, actor_id=0, fail=[])
+    jobs = [ClientJob(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 0, k)) for k in ks]
+    pl = wl.train_batch(0, 0, jobs, None).payload
     adapters = {k: {n: (b[i], a[i]) for n, (b, a) in pl["final"].items()} for i, k in enumerate(ks)}
-    got = wl._evaluate_all(0, ks, {}, adapters)
+    got = wl.evaluate_clients(0, ks, {}, adapters)
     loss, em, tacc = got["test_loss"], got["exact_match"], got["token_accuracy"]
     model = lora.wrap_lora(wl.load_base_model(), wl.spec)
     for k in ks:

@@ -2,7 +2,7 @@
 
 Tiny GPT-2 (Conv1D projections) and tiny Llama (nn.Linear), saved with ``save_pretrained`` and loaded with
 ``from_pretrained`` as a workload would. Dropout is 0 in both (model dropout masks cannot match between a
-batched and a per-client run; see clair_ray/workloads/grouped_lora.py).
+batched and a per-client run; see clair_ray.workloads.lora.grouped.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from clair_ray.workloads.grouped_lora import GroupedLoRALinear, GroupedLoRAModel
+from clair_ray.workloads.lora.grouped import GroupedLoRALinear, GroupedLoRAModel
 
 G, B, T, VOCAB, R, ALPHA = 4, 3, 12, 64, 4, 8.0
 TARGETS = {

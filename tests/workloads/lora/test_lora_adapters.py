@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import clair_ray
-from clair_ray.workloads import lora
+from clair_ray.workloads.lora import adapters as lora
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -48,8 +48,8 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(conf)
 
 
-GPT2_SPEC = lora.LoraSpec(r=3, alpha=5.0, target_modules=["c_attn", "c_proj", "c_fc"])
-LLAMA_SPEC = lora.LoraSpec(r=3, alpha=5.0, target_modules=["q_proj", "v_proj", "down_proj"])
+GPT2_SPEC = lora.LoraSpec(r=3, alpha=5.0, targets=["c_attn", "c_proj", "c_fc"])
+LLAMA_SPEC = lora.LoraSpec(r=3, alpha=5.0, targets=["q_proj", "v_proj", "down_proj"])
 
 
 def random_factors(model: torch.nn.Module, rank: int, seed: int) -> lora.Factors:
@@ -144,14 +144,14 @@ def test_load_factors_pads_lower_rank_and_checks() -> None:
 
 
 def test_spec_validation_names_field() -> None:
-    with pytest.raises(ValueError, match=r"LoraSpec\.r.*0"):
+    with pytest.raises(ValueError, match=r"workload\.lora\.r=0"):
         lora.LoraSpec(r=0)
-    with pytest.raises(ValueError, match=r"LoraSpec\.alpha"):
+    with pytest.raises(ValueError, match=r"workload\.lora\.alpha"):
         lora.LoraSpec(alpha=-1.0)
-    with pytest.raises(ValueError, match=r"LoraSpec\.target_modules"):
-        lora.LoraSpec(target_modules="c_attn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"workload\.lora\.targets"):
+        lora.LoraSpec(targets="c_attn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="matches no"):
-        lora.wrap_lora(tiny_gpt2(), lora.LoraSpec(target_modules=["q_proj"]))
+        lora.wrap_lora(tiny_gpt2(), lora.LoraSpec(targets=["q_proj"]))
 
 
 def test_refinement_application_equals_dense_refined_update() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clair_ray.workloads.lora_aggregate import ModuleUpdates, as_pair, project, run_method
+from clair_ray.workloads.lora.methods import ModuleUpdates, as_pair, project, run_method
 
 
 def _instance(seed: int = 0, K: int = 12, out: int = 24, inn: int = 16, r: int = 4, bad: int = 3):

@@ -13,15 +13,18 @@ import pandas as pd
 import pytest
 import torch
 
-from clair_ray import attacks
-from clair_ray.config import COPY_DATA_ATTACKS, ConfigError, load_config
-from clair_ray.results import NONDETERMINISTIC_COLUMNS, read_tables
-from clair_ray.workloads import copy_task as ct
-from clair_ray.workloads import get_workload
-from clair_ray.workloads.copy_task_engine import CopyTaskWorkload
-from clair_ray.workloads.lora_engine import fedavg_factors
+from round_helpers import flat
 
-REPO = Path(__file__).resolve().parents[2]
+from clair_ray import attacks
+from clair_ray.config import ConfigError, load_config, to_dict
+from clair_ray.results import NONDETERMINISTIC_COLUMNS, read_tables
+from clair_ray.workloads.copy_task import task as ct
+from clair_ray.workloads import get_workload
+from clair_ray.workloads.copy_task.workload import CopyTaskWorkload
+from clair_ray.workloads.base import ClientJob, Group
+from clair_ray.workloads.lora.methods import fedavg_factors
+
+REPO = Path(__file__).resolve().parents[3]
 SMALL = REPO / "configs" / "copy_task_small.yaml"
 
 
@@ -32,11 +35,12 @@ def copy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small(tmp: Path, cache: Path, *overrides: str):
-    return load_config(SMALL, [f"output_dir={tmp}", f"workload.copy_task.cache_dir={cache}", *overrides])
+    return load_config(SMALL, [f"output_dir={tmp}", f"workload.cache_dir={cache}", *overrides])
 
 
 def test_data_attack_kinds_match_the_workload() -> None:
-    assert set(COPY_DATA_ATTACKS) == set(ct.DATA_ATTACK_KINDS)
+    assert set(CopyTaskWorkload.data_attacks) == set(ct.DATA_ATTACK_KINDS)
+    assert {"data_reversed", "data_flip"} <= set(attacks.data_kinds())  # registered where defined
 
 
 def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path) -> None:
@@ -61,19 +65,16 @@ def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path)
 
 def test_copy_attack_kinds_assigned_by_attacks_py() -> None:
     mix = {"data_random": 1.0, "data_reversed": 1.0, "data_shifted": 1.0, "data_flip": 1.0, "alie": 1.0}
-    extra = ct.DATA_ATTACK_KINDS
-    out = attacks.assign_attacks(list(range(10)), mix, 3, extra_kinds=extra)
+    out = attacks.assign_attacks(list(range(10)), mix, 3)
     counts = pd.Series(list(out.values())).value_counts().to_dict()
     assert sorted(out) == list(range(10))
     assert set(counts) == set(mix) and sum(counts.values()) == 10 and max(counts.values()) == 2
-    # Without the workload's kinds the copy task's corruptions are unknown; a mix of attacks.py's own kinds
-    # splits the same with or without them.
-    with pytest.raises(ValueError, match="data_reversed"):
-        attacks.assign_attacks(list(range(10)), mix, 3)
-    known = {"data_random": 2.0, "sign_flip": 1.0, "alie": 1.0}
-    assert attacks.assign_attacks(list(range(7)), known, 5, extra_kinds=extra) == attacks.assign_attacks(
-        list(range(7)), known, 5
-    )
+    # Kinds registered later (the copy task's) come after the built-in ones in the canonical order, so a
+    # mix of built-in kinds splits the same whatever else is registered.
+    kinds = list(attacks.ATTACKS)
+    assert kinds.index("data_shifted") < kinds.index("data_reversed") < kinds.index("data_flip")
+    with pytest.raises(ValueError, match="data_nonsense"):
+        attacks.assign_attacks(list(range(10)), {"data_nonsense": 1.0}, 3)
 
 
 def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache: Path) -> None:
@@ -83,12 +84,15 @@ def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache:
     assert isinstance(wl, CopyTaskWorkload)
     wl.prepare()
     jobs = [(0, 11), (1, 12), (2, 13)]
-    meta, grouped = wl.train_batch(0, 0, jobs, actor_id=0, fail=[2])
+    from clair_ray.engine.actors import ClientWorker  # the client actor's logic, without Ray
+
+    meta, grouped = ClientWorker(to_dict(cfg), 0).train(0, 0, "*", jobs, None)
     assert [m["ok"] for m in meta] == [True, True, False] and "on purpose" in meta[2]["traceback"]
+    assert [m["trained"] for m in meta] == [True, True, False]  # client 2 never reached the workload
     names = list(grouped["final"])
-    assert np.isnan(grouped["final"][names[0]][0][2]).all()
+    assert grouped["final"][names[0]][0].shape[0] == 2
     for i, job in enumerate(jobs[:2]):
-        _, single = wl.train_batch(0, 0, [job], actor_id=0, fail=[])
+        single = wl.train_batch(0, 0, [ClientJob(*job)], None).payload
         for n in names:
             for which in ("final", "early"):
                 got = grouped[which][n][0][i] @ grouped[which][n][1][i]  # (out, in)
@@ -110,7 +114,7 @@ def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache:
 
 def test_train_one_equals_grouped_from_a_global_start(tmp_path: Path, copy_cache: Path) -> None:
     """Multi-round: the grouped path and plain peft (train_one) agree when starting from a global adapter."""
-    from clair_ray.engine import seeds
+    from clair_ray import seeds
 
     cfg = small(
         tmp_path,
@@ -123,8 +127,8 @@ def test_train_one_equals_grouped_from_a_global_start(tmp_path: Path, copy_cache
     wl.prepare()
     first = [wl.train_one(0, 0, k)[0] for k in range(3)]
     glob = fedavg_factors(first)
-    jobs = [(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 1, k)) for k in range(3)]
-    _, grouped = wl.train_batch(0, 1, jobs, actor_id=0, fail=[], start=glob)
+    jobs = [ClientJob(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 1, k)) for k in range(3)]
+    grouped = wl.train_batch(0, 1, jobs, glob).payload
     assert grouped["early"] is None  # no early-stopped baseline in multi-round mode
     for k in range(3):
         ref, loss = wl.train_one(0, 1, k, start=glob)
@@ -155,12 +159,13 @@ def test_aggregate_round_without_ray(tmp_path: Path, copy_cache: Path, side: str
     wl.prepare()
     torch.manual_seed(0)
     K = cfg.workload.num_clients
-    jobs = [(k, 100 + k) for k in range(K)]
-    _, payload = wl.train_batch(0, 0, jobs, actor_id=0, fail=[])
-    group = {"methods": list(cfg.aggregation.methods), "dropped": [], "batches": [(list(range(K)), payload)]}
-    metas, nxt = wl.aggregate_round(0, 0, [group], {}, None)
-    assert nxt == {}
-    prob = wl.problem(0)
+    jobs = [ClientJob(k, 100 + k) for k in range(K)]
+    payload = wl.train_batch(0, 0, jobs, None).payload
+    group = Group(list(cfg.aggregation.methods), [(list(range(K)), payload)], [], {})
+    res = wl.aggregate_round(0, 0, [group], None, evaluate=True)
+    metas, nxt = flat(res), res.nexts
+    assert nxt == {} and res.plan is None
+    prob = wl.contamination(0)
     honest = [k for k in range(K) if k not in prob.attack]
     for method, m in metas.items():
         assert np.isfinite(m["test_loss"][honest]).all(), method
@@ -198,8 +203,8 @@ def test_small_run_writes_tables_and_is_actor_count_invariant(tmp_path: Path, co
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
 def test_cuda_device_without_gpu_is_a_clear_dropout(tmp_path: Path, copy_cache: Path) -> None:
     wl = get_workload(small(tmp_path, copy_cache, "workload.lora.device=cuda", "engine.actor_num_gpus=0.5"))
-    meta, _ = wl.train_batch(0, 0, [(0, 1)], actor_id=0, fail=[])
-    assert not meta[0]["ok"] and "device='cuda' but this actor sees no GPU" in meta[0]["traceback"]
+    out = wl.train_batch(0, 0, [ClientJob(0, 1)], None)
+    assert "device='cuda' but this actor sees no GPU" in out.failed[0]
 
 
 def test_summary_shows_lm_metrics_only_when_present() -> None:
@@ -215,11 +220,7 @@ def test_summary_shows_lm_metrics_only_when_present() -> None:
         "dropped": False,
         "flagged": False,
         "reason": "",
-        "error": float("nan"),
-        "test_mse": float("nan"),
         "update_norm": 1.0,
-        "off_subspace": float("nan"),
-        "noise_level": float("nan"),
         "n_samples": 8,
         "bytes_sent": 8,
         "actor_id": 0,
@@ -227,8 +228,9 @@ def test_summary_shows_lm_metrics_only_when_present() -> None:
     }
     rows = [{**base, "client_id": k, "test_loss": 0.5 + k, "exact_match": 0.25} for k in range(2)]
     rows.append({**base, "client_id": 2, "contaminated": True, "attack": "data_flip", "detectable": True})
-    df = results.table(rows, results.CLIENT_SCHEMA).to_pandas()
-    summary, detection = results.summarize(df, {})
+    cols = CopyTaskWorkload.columns
+    df = results.table(rows, results.client_schema(cols)).to_pandas()
+    summary, detection = results.summarize(df, {}, cols)
     assert summary[0]["honest_mean_test_loss"] == 1.0 and summary[0]["honest_mean_exact_match"] == 0.25
     assert detection[0]["attack"] == "data_flip" and not detection[0]["in_subspace"]
     text = results.format_summary(pd.DataFrame(summary), pd.DataFrame(detection))
@@ -239,13 +241,13 @@ def test_summary_shows_lm_metrics_only_when_present() -> None:
 
 def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: Path) -> None:
     """Grouped held-out evaluation (many clients per forward) = peft's per-client evaluate_lm."""
-    from clair_ray.workloads import lora
-    from clair_ray.workloads import lora_engine as le
+    from clair_ray.workloads.lora import adapters as lora
+    from clair_ray.workloads.lora import workload as le
 
     cfg = small(tmp_path, copy_cache)
     wl = get_workload(cfg)
     wl.prepare()
-    _, payload = wl.train_batch(0, 0, [(k, 50 + k) for k in range(5)], actor_id=0, fail=[])
+    payload = wl.train_batch(0, 0, [ClientJob(k, 50 + k) for k in range(5)], None).payload
     names = list(payload["final"])
     # Adapters of several ranks (1 and the full 4), a shared correction, and unequal test-set sizes.
     adapters = {
@@ -261,8 +263,8 @@ def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: P
     old_group, old_rows = le.EVAL_GROUP, le.EVAL_ROWS
     le.EVAL_GROUP, le.EVAL_ROWS = 2, 7  # several chunks of clients and of rows
     try:
-        got = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], corr, adapters)
-        again = wl._evaluate_grouped(0, [0, 1, 2, 3, 4], {}, adapters)["test_loss"]  # the base is restored
+        got = wl.evaluate_clients(0, [0, 1, 2, 3, 4], corr, adapters)
+        again = wl.evaluate_clients(0, [0, 1, 2, 3, 4], {}, adapters)["test_loss"]  # the base is restored
     finally:
         le.EVAL_GROUP, le.EVAL_ROWS = old_group, old_rows
     shared = lora.fold_corrections(wl._evaluator(), corr)
@@ -313,13 +315,14 @@ def test_evaluation_plan_on_clients_equals_evaluating_in_place(tmp_path: Path, c
     wl = get_workload(cfg)
     wl.prepare()
     K = cfg.workload.num_clients
-    _, payload = wl.train_batch(0, 0, [(k, 7 + k) for k in range(K)], actor_id=0, fail=[])
-    group = {"methods": list(cfg.aggregation.methods), "dropped": [], "batches": [(list(range(K)), payload)]}
-    here, _ = wl.aggregate_round(0, 0, [group], {}, None)
-    metas, _, plan = get_workload(cfg).aggregate_round(0, 0, [group], {}, None, evaluate=False)
+    payload = wl.train_batch(0, 0, [ClientJob(k, 7 + k) for k in range(K)], None).payload
+    group = Group(list(cfg.aggregation.methods), [(list(range(K)), payload)], [], {})
+    here = flat(wl.aggregate_round(0, 0, [group], None, evaluate=True))
+    res = get_workload(cfg).aggregate_round(0, 0, [group], None)
+    metas, plan = flat(res), res.plan.data
     assert set(plan) == set(metas) and all(np.isnan(m["test_loss"]).all() for m in metas.values())
     worker = get_workload(cfg)  # another process's instance: a client actor
-    clients = sorted({k for m in metas.values() for k in m["eval_clients"]})
+    clients = res.plan.clients
     parts = [worker.evaluate_batch(0, plan, clients[:2]), worker.evaluate_batch(0, plan, clients[2:])]
     for method, m in here.items():
         got = np.full(K, np.nan)
