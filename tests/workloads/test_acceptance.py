@@ -1,4 +1,4 @@
-"""The linear workload's acceptance figure on configs/linear.yaml, computed without Ray (same functions as the engine).
+"""The linear workload's acceptance figure on configs/linear.yaml, without Ray (the functions the engine runs).
 
 On 5 trials: CLAIR's honest-client mean error is below local, fedavg and every robust baseline, and its
 detection F1 against the truth ("energy outside U above the noise level") is at least 0.95.
@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from round_helpers import flat, one_round
 
 from clair_ray.config import load_config

@@ -78,7 +78,7 @@ def test_multi_round_gradient_steps_approach_ols() -> None:
     ols = torch.linalg.lstsq(*wl.client_data(0, 2)).solution.numpy()
     start = wl.initial_model()
     gaps = []
-    for r in range(4):
+    for _ in range(4):
         start, _ = wl.train(0, 2, start)
         gaps.append(np.linalg.norm(start - ols))
     assert all(b < a for a, b in zip(gaps, gaps[1:], strict=False))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from round_helpers import flat, one_round
 
 from clair_ray import attacks, seeds

@@ -172,7 +172,15 @@ def test_train_client_deterministic_and_reusable(base_path: Path) -> None:
     f3, l3 = ct.train_client(resident, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3)
     assert l3 == l1 and all(np.array_equal(f1[n][0], f3[n][0]) for n in f1)
     with pytest.raises(ValueError, match=r"spec\.r=3 differs"):
-        ct.train_client(resident, lora.LoraSpec(r=3, targets=ct.default_targets("gpt2")), data, steps=1, lr=1e-2, batch_size=4, seed=3)
+        ct.train_client(
+            resident,
+            lora.LoraSpec(r=3, targets=ct.default_targets("gpt2")),
+            data,
+            steps=1,
+            lr=1e-2,
+            batch_size=4,
+            seed=3,
+        )
     _, l4 = ct.train_client(base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=4)
     assert l4 != l1
     # Factors shapes: B (out, r), A (r, in) for every adapted module (2 per attention + 2 MLP).

@@ -12,16 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from round_helpers import flat
 
 from clair_ray import attacks
 from clair_ray.config import ConfigError, load_config, to_dict
 from clair_ray.results import NONDETERMINISTIC_COLUMNS, read_tables
-from clair_ray.workloads.copy_task import task as ct
 from clair_ray.workloads import get_workload
-from clair_ray.workloads.copy_task.workload import CopyTaskWorkload
 from clair_ray.workloads.base import ClientJob, Group
+from clair_ray.workloads.copy_task import task as ct
+from clair_ray.workloads.copy_task.workload import CopyTaskWorkload
 from clair_ray.workloads.lora.methods import fedavg_factors
 
 REPO = Path(__file__).resolve().parents[3]

@@ -18,11 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from round_helpers import flat
 
-from clair_ray.config import ConfigError, load_config
 from clair_ray import seeds
+from clair_ray.config import ConfigError, load_config
 from clair_ray.workloads import get_workload
 from clair_ray.workloads.base import ClientJob, Group
 from clair_ray.workloads.hf_causal_lm import data as hf
@@ -170,9 +169,7 @@ def test_parquet_caches_and_max_samples(tmp_path: Path, files: dict[str, Path]) 
     # Read and tokenised once per process: a second instance gets the cached objects.
     assert get_workload(config(tmp_path, files)).texts() is js.texts()
     assert get_workload(config(tmp_path, files)).tokens(0) is js.tokens(0)
-    sub = get_workload(
-        config(tmp_path, files, "workload.max_samples=80", "workload.partition=iid")
-    )
+    sub = get_workload(config(tmp_path, files, "workload.max_samples=80", "workload.partition=iid"))
     train, test = sub.client_indices(0)
     used = np.sort(np.concatenate(train + test))
     assert len(used) == 80 and np.array_equal(used, sub.used(0)) and used.max() < 120
@@ -183,9 +180,7 @@ def test_parquet_caches_and_max_samples(tmp_path: Path, files: dict[str, Path]) 
 
 
 def test_too_little_data_is_a_clear_error(tmp_path: Path, files: dict[str, Path]) -> None:
-    wl = get_workload(
-        config(tmp_path, files, "workload.max_samples=12", "workload.partition=iid")
-    )
+    wl = get_workload(config(tmp_path, files, "workload.max_samples=12", "workload.partition=iid"))
     with pytest.raises(ValueError, match=r"fewer than 2 samples"):
         wl.client_sizes(0)
 
