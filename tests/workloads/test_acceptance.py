@@ -1,4 +1,4 @@
-"""The linear workload's acceptance figure on configs/linear.yaml, without Ray (the functions the engine runs).
+"""The linear workload's acceptance figure on configs/linear.yaml, without Ray (the engine's functions).
 
 On 5 trials: CLAIR's honest-client mean error is below local, fedavg and every robust baseline, and its
 detection F1 against the truth ("energy outside U above the noise level") is at least 0.95.
