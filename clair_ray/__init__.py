@@ -1,6 +1,6 @@
 """clair_ray: federated LoRA fine-tuning under contamination, on Ray, with CLAIR.
 
-The public entry point of the method is :func:`clair_ray.clair` (DESIGN.md section 3)::
+The public entry point of the method is :func:`clair_ray.clair`::
 
     import clair_ray
     res = clair_ray.clair(updates, rank=4)

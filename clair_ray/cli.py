@@ -8,6 +8,9 @@ import argparse
 import sys
 import time
 
+# The package's modules are imported inside each command, so `clair-ray --help` and argument errors answer
+# at once, without loading torch or Ray.
+
 
 def _run(args: argparse.Namespace) -> int:
     from clair_ray.config import ConfigError, load_config

@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray instance for the whole session (RAY-NOTES.md "Tests") and small configs."""
+"""Shared fixtures: one Ray instance for the whole session and small configs."""
 
 from __future__ import annotations
 

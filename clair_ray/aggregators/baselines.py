@@ -309,7 +309,7 @@ class GeometricMedian:
 class Oracle:
     """CLAIR's refinement with the true honest set C and the true subspace U (an upper bound for CLAIR).
 
-    Honest finite client k gets ``P_U M_k + (I - P_U) mean_{l in C, finite} M_l`` (DESIGN.md section 1):
+    Honest finite client k gets ``P_U M_k + (I - P_U) mean_{l in C, finite} M_l``:
     its own in-subspace part, the honest average outside U. With an offset this is the same as
     ``mean + P_U (M_k - mean)``, so ``ctx.offset`` needs no special case. The non-honest clients are
     flagged with reason "oracle" and keep their input. ``ctx.true_subspace`` is orthonormalised (QR) first,

@@ -14,7 +14,7 @@ __all__ = ["Clair"]
 
 @register_aggregator("clair", personalized=True)
 class Clair:
-    """CLAIR (DESIGN.md section 1): shared subspace, contaminated set, and refined honest updates.
+    """CLAIR: shared subspace, contaminated set, and refined honest updates.
 
     Calls ``clair_ray.clair(list_of_updates, rank=ctx.rank, offset=ctx.offset, seed=ctx.seed,
     noise_scale=ctx.noise_scale, **params)`` where ``params`` are the constructor's parameters overridden

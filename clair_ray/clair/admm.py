@@ -1,4 +1,4 @@
-"""Exact convex solvers for CLAIR's decomposition problems (DESIGN.md section 1).
+"""Exact convex solvers for CLAIR's decomposition problems (P0 and P1, see :mod:`clair_ray.clair`).
 
 With blocks M_k (p x w), k = 1..K, and an optional common offset c:
 

@@ -1,4 +1,4 @@
-"""The public entry point ``clair_ray.clair(...)`` and its result (DESIGN.md section 3).
+"""The public entry point ``clair_ray.clair(...)`` and its result.
 
 Input checking, orientation (``side``), non-finite clients, compaction of factor inputs, the choice
 between the exact ADMM solver and the fast path, detection and refinement all meet here; the maths
@@ -467,7 +467,7 @@ def _both_sides(
 ) -> ClairResult:
     """``side="both"``: detection on the column side, refinement projected on both sides.
 
-    The column (output) side is the one the honest clients share (DESIGN.md section 1); the row problem
+    The column (output) side is the one the honest clients share; the row problem
     supplies the row subspace V for the refinement m + P_U (M_k - m) P_V. Its own flags are not used:
     honest rows need not share a subspace (in the linear model every V_k is the client's own), and then
     the row problem flags honest clients.
@@ -539,7 +539,7 @@ def _factored_offset(
     common: dict[str, Any],
     max_rounds: int = 3,
 ) -> ClairResult:
-    """Factor inputs with a common offset: centre by a low-rank robust mean (DESIGN.md section 1, "Scale").
+    """Factor inputs with a common offset: centre by a low-rank robust mean.
 
     With c = C_B C_A, each centred update B_k A_k - c = [B_k, -C_B][A_k; C_A] is again a factor pair, so
     the compact form still applies. The centre starts as the mean over the clients whose update norm lies

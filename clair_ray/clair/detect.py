@@ -2,8 +2,8 @@
 
 Score of client k: s_k = ||P_U⊥(M_k - c)||_F / nu_k, its energy outside the shared subspace in units
 of its own noise scale. Flagged: s_k > max(median(s) + k_mad * 1.4826 * MAD(s), floor). The median and
-MAD are over the finite clients, so a minority of contaminated clients moves neither (DESIGN.md section 1:
-a multiple of the median alone flagged nobody on the copy task). ``floor`` is the numerical floor for
+MAD are over the finite clients, so a minority of contaminated clients moves neither (a
+multiple of the median alone flagged nobody on the copy task). ``floor`` is the numerical floor for
 noiseless data, where the honest residuals are rounding errors.
 """
 
@@ -78,7 +78,7 @@ def combine_modules(results: Mapping[str, Any]) -> Detection:
     """Combines per-module CLAIR results (one per LoRA module) into one verdict per client.
 
     A client's evidence is the mean over modules of its score divided by that module's threshold
-    (DESIGN.md section 1, "Scale": so no single large module dominates); it is flagged when the mean
+    (so no single large module dominates); it is flagged when the mean
     exceeds 1, i.e. when it sits above the threshold on average. A client non-finite in any module is
     flagged with that reason.
 

@@ -2,8 +2,8 @@
 
 This is NOT problem P1 (its iterates are truncated at rank r, like AltProj of Netrapalli et al. 2014
 with block thresholding): it is judged by giving the same flagged set as the exact solver and a subspace
-within 1e-3 of it (tests/clair/test_factored.py). It works on the compact p x r' blocks of factor inputs
-(DESIGN.md section 1, "Scale"), never on the dense p x Kq stack, and in the input's dtype.
+within 1e-3 of it (tests/clair/test_factored.py). It works on the compact p x r' blocks of factor
+inputs, never on the dense p x Kq stack, and in the input's dtype.
 
 The blocks are held as one stacked matrix X = [x_1 ... x_K] (p x K w), so every product is one GEMM.
 One iteration, with U the current basis:

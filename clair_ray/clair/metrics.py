@@ -1,4 +1,4 @@
-"""Metrics for subspace recovery, detection and refinement (DESIGN.md section 1, "Metrics")."""
+"""Metrics for subspace recovery, detection and refinement ."""
 
 from __future__ import annotations
 

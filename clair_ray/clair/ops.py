@@ -1,7 +1,7 @@
 """Linear-algebra building blocks shared by the CLAIR solvers.
 
 Blocks are kept as one (K, p, w) tensor: client k's block is ``X[k]`` (p rows on the shared side, w
-columns). The stacked matrix of DESIGN.md, [X_1, ..., X_K] (p x Kw), is ``stack(X)``; every nuclear-norm
+columns). The stacked matrix of the formulation, [X_1, ..., X_K] (p x Kw), is ``stack(X)``; every nuclear-norm
 or singular-value operation works on that view, every group operation on the blocks.
 """
 
@@ -92,8 +92,8 @@ def project_onto(basis: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def compact_dense(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates each wide block onto its row space: M_k = C_k Q_k^T with C_k (p, p).
 
-    Nuclear norm, block norms and the CLAIR problems are invariant under a right rotation of each block
-    (DESIGN.md section 1, "Scale"), so the solvers may work on the narrower C_k.
+    Nuclear norm, block norms and the CLAIR problems are invariant under a right rotation of each
+    block, so the solvers may work on the narrower C_k.
 
     Args:
         blocks: (K, p, q) blocks with q > p.

@@ -1,4 +1,4 @@
-"""Refinement of honest clients' updates (DESIGN.md section 1, "Outputs").
+"""Refinement of honest clients' updates.
 
 With P the projector onto the estimated column subspace U (p side) and Q the one onto the row subspace V
 (q side; the identity when only one side is projected), and m the mean over the detected-honest clients C:
@@ -8,7 +8,7 @@ With P the projector onto the estimated column subspace U (p side) and Q the one
 Column side only (Q = I) this is P_U M_k + P_U⊥ m: the in-subspace part keeps the client's own variation,
 the off-subspace part is averaged over C (dividing its noise variance by |C|). Projecting both sides at a
 small rank helped on the copy task, where a rank-4 adapter's noise lies in the same directions as its
-signal (DESIGN.md section 1).
+signal.
 
 Factor inputs stay factored: honest client k gets the adapter (P B_k, A_k Q) on top of ONE shared
 correction R = m - P m Q, folded into a single shared base copy by the engine, never a merged weight

@@ -1,4 +1,4 @@
-"""Synthetic instances of CLAIR's linear model (DESIGN.md section 1), for tests, the demo and theory checks.
+"""Synthetic instances of CLAIR's linear model, for tests, the demo and theory checks.
 
 Honest client k: W_k = W_0 + U V_k^T with U (p, r) orthonormal and shared, V_k = V_bar + h G_k (h the
 heterogeneity knob: 0 = all alike). Contaminated clients get Delta_k of one of several kinds:

@@ -27,7 +27,8 @@ class Checkpoint:
         trial: Trial of the last completed round.
         round: Last completed round of that trial.
         rounds: Rounds per trial.
-        starts: Method -> (K, p, q) models clients continue from (None when the trial is finished).
+        starts: Method -> what its clients continue from (the workload's payload; None when the trial is
+            finished).
         client_rows: Client-table rows so far.
         extras: (trial, method, round) -> per-method summary extras so far.
     """

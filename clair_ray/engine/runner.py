@@ -63,8 +63,9 @@ class RunResult:
             handing out the first batch to the aggregator's answer), ``train_wall_s`` (until the last
             client batch answered), ``client_compute_s`` (the busiest client actor's time inside its
             training calls: the critical path of client compute), ``agg_s`` (the aggregator's compute:
-            attacks, methods, truth metrics), ``eval_s`` (held-out evaluation: in the aggregator for the
-            linear workload, the whole evaluation phase on the client actors for LoRA workloads) and
+            attacks, methods, truth metrics), ``eval_s`` (held-out evaluation: what the workload's round
+            reports as evaluation inside the aggregator, plus the whole evaluation phase on the client
+            actors when the round returns an evaluation plan) and
             ``orchestration_s`` = round_s - client_compute_s - agg_s - eval_s (scheduling, object
             transfers, waiting, driver work).
     """

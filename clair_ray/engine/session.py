@@ -25,7 +25,7 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        # Connecting: Ray forbids local resource arguments (RAY-NOTES "Cluster and jobs").
+        # Connecting: Ray forbids local resource arguments (num_cpus, ...) when it attaches to a cluster.
         ray.init(address=cfg.ray.address, logging_level="ERROR")
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

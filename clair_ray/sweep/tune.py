@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from clair_ray.config import ExperimentConfig, to_dict, to_yaml
+from clair_ray.config import ExperimentConfig, from_dict, to_dict, to_yaml
+from clair_ray.engine import run_experiment
+from clair_ray.engine.session import ray_session
 from clair_ray.results import PARTITION, TABLES
 from clair_ray.sweep.spec import (
     Sweep,
@@ -57,9 +59,6 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], keys: list[str], ex
     interrupted trial's engine checkpoint (and any progress a user looks for) would not be there.
     """
     from ray import tune
-
-    from clair_ray.config import from_dict
-    from clair_ray.engine import run_experiment
 
     ctx = tune.get_context()
     trial_dir = Path(experiment_dir) / f"trial_{ctx.get_trial_id()}"  # = _trial_dirname(trial)
@@ -174,7 +173,7 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
         SweepError: The sweep cannot start, or some trial failed for good (results of the others are
             gathered first).
     """
-    # Before Ray or Tune start (RAY-NOTES "Ray Tune"): trials must not chdir (relative paths break),
+    # Before Ray or Tune start: trials must not chdir (relative paths break),
     # and Tune's banner and default loggers are noise here; our callback prints the progress.
     for k, v in (
         ("RAY_CHDIR_TO_TRIAL_DIR", "0"),
@@ -185,8 +184,6 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
         os.environ.setdefault(k, v)
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from clair_ray.engine.runner import ray_session
 
     say = progress or (lambda _m: None)
     sc = sw.sweep

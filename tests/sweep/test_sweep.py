@@ -22,6 +22,7 @@ from clair_ray.config import ConfigError
 from clair_ray.report import read_sweep
 from clair_ray.results import PARTITION
 from clair_ray.sweep import SweepError, bundles, candidate_points, load_sweep, run_sweep
+from clair_ray.workloads import LinearWorkload
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,9 +162,10 @@ def test_four_trials_on_two_cpus_with_a_retried_failure(tmp_path: Path) -> None:
     assert starts[1] - starts[0] < 10, f"trials did not overlap: {starts}"
 
     # one dataset: the single-run schema + the swept parameters + the partition column, 4 partitions
+    cols = LinearWorkload.columns  # the single-run schema of this sweep's workload
     for name, schema in (
-        ("clients", results.CLIENT_SCHEMA),
-        ("summary", results.SUMMARY_SCHEMA),
+        ("clients", results.client_schema(cols)),
+        ("summary", results.summary_schema(cols)),
         ("detection", results.DETECTION_SCHEMA),
     ):
         df = data[name]

@@ -6,7 +6,7 @@ they run.
 
 **Orientation.** Every factor pair handed out or taken in here is in the *Linear orientation*:
 ``B`` (out, r) and ``A`` (r, in) with ``B @ A`` the update of the module's (out × in) weight, i.e. of
-``y = x W^T`` (DESIGN.md section 1: the shared side is the output side). peft keeps ``lora_B.weight``
+``y = x W^T`` (CLAIR's shared side is the output side). peft keeps ``lora_B.weight``
 (out, r) and ``lora_A.weight`` (r, in) in that orientation for ``nn.Linear`` *and* for GPT-2's
 ``Conv1D``; the difference is the base weight: ``nn.Linear.weight`` is (out, in) but ``Conv1D.weight``
 is stored transposed, (in, out) (``y = x W + b``). :func:`linear_weight` and :func:`fold_corrections`
@@ -17,7 +17,7 @@ handle that, and peft's own merge transposes the delta for Conv1D (``fan_in_fan_
 factors are float64: ``(s·B)/s`` of a float32 ``B`` rounds back to the same float32, so an extract →
 load round trip is exact for any ``alpha``.
 
-**Refined adapters** (DESIGN.md section 1, "Scale"): an honest client's refined model is the base
+**Refined adapters**: an honest client's refined model is the base
 ``W_0 + R`` plus its projected adapter, with ``R`` ONE shared dense correction per module.
 :func:`fold_corrections` folds the corrections into one shared base copy, and :func:`load_factors` then
 swaps client adapters on top of it; there is never a merged weight copy per client.

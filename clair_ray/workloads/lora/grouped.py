@@ -1,6 +1,6 @@
 """Grouped LoRA: train G virtual clients' adapters in ONE forward/backward over a shared frozen base.
 
-A client actor keeps one base model resident and serves many virtual clients (DESIGN.md section 2).
+A client actor keeps one base model resident and serves many virtual clients.
 Training them one at a time pays the per-step costs (Python, module calls, kernel launches, optimiser
 step) once per client; here G clients share every step. The batch is laid out as G contiguous groups of
 ``b`` sequences, ``(G*b, T)``, and every adapted module computes, per group ``g``::

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from clair_ray.aggregators import AGGREGATORS, AggContext, get_aggregator
+from clair_ray.clair import combine_modules
+from clair_ray.clair.api import clair
 
 __all__ = [
     "OWN_METHODS",
@@ -176,19 +178,17 @@ def run_clair(updates: Any, rank: int, side: str, *, seed: int, **params: Any) -
     Returns:
         The :class:`clair_ray.ClairResult`.
     """
-    import clair_ray  # late: clair_ray's __init__ imports the core
-
     reserved = sorted({"rank", "offset", "seed", "side"} & set(params))
     if reserved:
         raise ValueError(f"aggregation.params.clair must not set {reserved}: they come from the config")
-    return clair_ray.clair(updates, rank=rank, offset=True, seed=seed, side=side, **params)
+    return clair(updates, rank=rank, offset=True, seed=seed, side=side, **params)
 
 
 def combine_evidence(results: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Per-module evidence combined by ``clair_ray.clair.combine_modules``: mean of score / threshold.
 
-    Dividing by each module's own threshold keeps one large module from dominating (DESIGN.md section 1,
-    "Scale"); a client is flagged when its mean exceeds 1.
+    Dividing by each module's own threshold keeps one large module from dominating; a client is
+    flagged when its mean exceeds 1.
 
     Args:
         results: Module name -> ClairResult over the same clients.
@@ -196,8 +196,6 @@ def combine_evidence(results: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, d
     Returns:
         ((K,) bool flagged, (K,) combined evidence, client -> reason).
     """
-    from clair_ray.clair import combine_modules
-
     det = combine_modules(results)
     evidence = det.scores.double().numpy()  # (K,)
     flagged = np.zeros(evidence.shape[0], dtype=bool)

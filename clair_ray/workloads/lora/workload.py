@@ -47,6 +47,7 @@ from clair_ray.workloads.base import (
     check_fields,
 )
 from clair_ray.workloads.lora import rounds
+from clair_ray.workloads.lora.loop import adamw_steps, batch_order
 from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
 from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig
@@ -239,8 +240,6 @@ class LoRAWorkload(Workload):
         group's b with copies whose labels are all -100, which adds no labelled token and so leaves the
         client's mean loss (and gradient) unchanged.
         """
-        from clair_ray.workloads.lora.loop import batch_order
-
         lw = self.lw
         data = [self.train_data(trial, j.client_id) for j in jobs]
         idx = [
@@ -276,8 +275,6 @@ class LoRAWorkload(Workload):
         self, trial: int, jobs: list[ClientJob], start: Factors | None
     ) -> tuple[list, list | None, np.ndarray]:
         """Trains G clients together; returns (final factors, early factors or None, (G,) last losses)."""
-        from clair_ray.workloads.lora.loop import adamw_steps
-
         gm = self._resident()
         device = next(gm.model.parameters()).device
         lw = self.lw
@@ -318,7 +315,6 @@ class LoRAWorkload(Workload):
             (module -> (B (out, r), A (r, in)) float64, the last step's training loss).
         """
         from clair_ray.workloads.lora import adapters as lora
-        from clair_ray.workloads.lora.loop import batch_order
 
         model = self._evaluator()
         lora.reset_lora(model)
