@@ -17,6 +17,7 @@ tests and demos on machines without a hub.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from clair_ray.workloads.base import check_fields
+from clair_ray.workloads.lora.spec import LoRAWorkloadConfig
+
 if TYPE_CHECKING:
     from clair_ray.workloads.lora import adapters as lora
 
@@ -34,8 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PARTITIONS",
-    "HFDataConfig",
-    "PartitionConfig",
+    "HFCausalLMConfig",
     "client_subset",
     "evaluate",
     "load_model",
@@ -55,51 +58,80 @@ _SUFFIXES = (".jsonl", ".parquet")
 
 
 @dataclass
-class HFDataConfig:
-    """Where the text data is and how to tokenise it.
+class HFCausalLMConfig(LoRAWorkloadConfig):
+    """Any Hugging Face causal LM on local text data (``workload.name: hf_causal_lm``); the LoRA knobs are
+    in ``workload.lora``.
 
     Attributes:
-        path: A ``.jsonl`` / ``.parquet`` file or a directory of them (read in sorted name order).
+        name_or_path: A local directory written by ``save_pretrained`` (or a hub id where a hub is
+            reachable) holding the model and its tokenizer.
+        data_path: A ``.jsonl`` / ``.parquet`` file or a directory of them.
         text_column: Column with the text.
-        label_column: Optional column with a label (for the Dirichlet partition).
-        max_length: Tokens per sequence (longer texts are truncated, shorter ones padded).
+        label_column: Column with a label (needed by the ``dirichlet`` partition).
+        max_length: Tokens per sequence (truncated / padded).
+        partition: ``iid``, ``dirichlet`` (over ``label_column``) or ``quantity`` (skewed client sizes).
+        partition_alpha: Dirichlet concentration of ``dirichlet`` / ``quantity`` (smaller: more skewed).
+        min_size: Fewest samples a client may get.
+        test_fraction: Share of each client's samples held out for its evaluation.
+        max_samples: Use at most this many samples of the data (0: all), taken before partitioning.
     """
 
-    path: str = ""
+    name: str = "hf_causal_lm"
+    name_or_path: str = ""
+    data_path: str = ""
     text_column: str = "text"
     label_column: str | None = None
     max_length: int = 64
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    min_size: int = 2
+    test_fraction: float = 0.25
+    max_samples: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
-            raise ValueError(f"HFDataConfig.path must be a file or directory, got {self.path!r}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"HFDataConfig.max_length must be an integer >= 2, got {self.max_length!r}")
-        if not self.text_column:
-            raise ValueError(f"HFDataConfig.text_column must be a column name, got {self.text_column!r}")
+        super().__post_init__()
+        a = self.partition_alpha
+        check_fields(
+            "workload",
+            [
+                (
+                    bool(self.name_or_path),
+                    "name_or_path",
+                    self.name_or_path,
+                    "must name a model dir or hub id",
+                ),
+                (
+                    bool(self.data_path),
+                    "data_path",
+                    self.data_path,
+                    "must name a .jsonl/.parquet file or dir",
+                ),
+                (bool(self.text_column), "text_column", self.text_column, "must name a column"),
+                (self.max_length >= 2, "max_length", self.max_length, "must be >= 2"),
+                (
+                    self.partition in PARTITIONS,
+                    "partition",
+                    self.partition,
+                    f"must be one of {list(PARTITIONS)}",
+                ),
+                (
+                    self.partition != "dirichlet" or bool(self.label_column),
+                    "label_column",
+                    self.label_column,
+                    "must name a column with partition=dirichlet",
+                ),
+                (math.isfinite(a) and a > 0, "partition_alpha", a, "must be finite and > 0"),
+                (
+                    self.min_size >= 2,
+                    "min_size",
+                    self.min_size,
+                    "must be >= 2 (a client needs train and test)",
+                ),
+                (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)"),
+                (self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0 (0: all)"),
+            ],
+        )
 
-
-@dataclass
-class PartitionConfig:
-    """How the samples are split among clients.
-
-    Attributes:
-        kind: "iid", "dirichlet" (needs a label column) or "quantity".
-        alpha: Dirichlet concentration (dirichlet, quantity); smaller = more skewed.
-        min_size: Fewest samples any client may get (dirichlet redraws, quantity reserves them).
-    """
-
-    kind: str = "iid"
-    alpha: float = 0.5
-    min_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kind not in PARTITIONS:
-            raise ValueError(f"PartitionConfig.kind must be one of {PARTITIONS}, got {self.kind!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"PartitionConfig.alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
-            raise ValueError(f"PartitionConfig.min_size must be an integer >= 0, got {self.min_size!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,20 +170,20 @@ def _data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
         if not files:
-            raise ValueError(f"HFDataConfig.path={str(path)!r}: no .jsonl or .parquet files in the directory")
+            raise ValueError(f"workload.data_path={str(path)!r}: no .jsonl or .parquet files in the directory")
         return files
     if path.suffix not in _SUFFIXES:
-        raise ValueError(f"HFDataConfig.path={str(path)!r}: expected a .jsonl or .parquet file")
+        raise ValueError(f"workload.data_path={str(path)!r}: expected a .jsonl or .parquet file")
     if not path.exists():
-        raise ValueError(f"HFDataConfig.path={str(path)!r}: no such file")
+        raise ValueError(f"workload.data_path={str(path)!r}: no such file")
     return [path]
 
 
-def load_texts(cfg: HFDataConfig) -> tuple[list[str], list | None]:
+def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
     """Reads texts (and labels) from JSONL / Parquet.
 
     Args:
-        cfg: The data config.
+        cfg: The workload section (``data_path``, ``text_column``, ``label_column``).
 
     Returns:
         (texts, labels or None), in file order.
@@ -162,7 +194,7 @@ def load_texts(cfg: HFDataConfig) -> tuple[list[str], list | None]:
     rows: dict[str, list] = {cfg.text_column: []}
     if cfg.label_column:
         rows[cfg.label_column] = []
-    for f in _data_files(Path(cfg.path)):
+    for f in _data_files(Path(cfg.data_path)):
         if f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -268,18 +300,19 @@ def partition_dirichlet(
 
 
 def partition(
-    cfg: PartitionConfig, n: int, n_clients: int, seed: int, labels: Sequence | None = None
+    cfg: HFCausalLMConfig, n: int, n_clients: int, seed: int, labels: Sequence | None = None
 ) -> list[np.ndarray]:
-    """Dispatches to the partitioner named by ``cfg.kind``; returns K sorted index arrays."""
-    if cfg.kind == "iid":
+    """Dispatches to the partitioner ``cfg.partition`` names (with ``partition_alpha``, ``min_size``);
+    returns K sorted index arrays."""
+    if cfg.partition == "iid":
         return partition_iid(n, n_clients, seed)
-    if cfg.kind == "quantity":
-        return partition_quantity(n, n_clients, cfg.alpha, seed, cfg.min_size)
+    if cfg.partition == "quantity":
+        return partition_quantity(n, n_clients, cfg.partition_alpha, seed, cfg.min_size)
     if labels is None:
-        raise ValueError("PartitionConfig.kind='dirichlet' needs labels (set HFDataConfig.label_column)")
+        raise ValueError("workload.partition='dirichlet' needs labels (set workload.label_column)")
     if len(labels) != n:
         raise ValueError(f"labels: {len(labels)} labels for {n} samples")
-    return partition_dirichlet(labels, n_clients, cfg.alpha, seed, cfg.min_size)
+    return partition_dirichlet(labels, n_clients, cfg.partition_alpha, seed, cfg.min_size)
 
 
 def client_subset(data: Mapping[str, torch.Tensor], indices: np.ndarray) -> dict[str, torch.Tensor]:

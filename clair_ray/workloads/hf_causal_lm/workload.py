@@ -60,10 +60,8 @@ local run, the directory ``clair-ray run`` was started in; for a Ray job, the jo
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +70,9 @@ import torch
 
 from clair_ray import attacks, seeds
 from clair_ray.errors import ConfigError
-from clair_ray.workloads.base import check_fields, register_workload
+from clair_ray.workloads.base import register_workload
 from clair_ray.workloads.hf_causal_lm import data as hf
-from clair_ray.workloads.lora.spec import LoRAWorkloadConfig
+from clair_ray.workloads.hf_causal_lm.data import HFCausalLMConfig
 from clair_ray.workloads.lora.workload import LoRAWorkload
 
 if TYPE_CHECKING:
@@ -87,82 +85,6 @@ __all__ = [
     "default_targets_for",
     "split_train_test",
 ]
-
-
-@dataclass
-class HFCausalLMConfig(LoRAWorkloadConfig):
-    """Any Hugging Face causal LM on local text data (``workload.name: hf_causal_lm``); the LoRA knobs are
-    in ``workload.lora``.
-
-    Attributes:
-        name_or_path: A local directory written by ``save_pretrained`` (or a hub id where a hub is
-            reachable) holding the model and its tokenizer.
-        data_path: A ``.jsonl`` / ``.parquet`` file or a directory of them.
-        text_column: Column with the text.
-        label_column: Column with a label (needed by the ``dirichlet`` partition).
-        max_length: Tokens per sequence (truncated / padded).
-        partition: ``iid``, ``dirichlet`` (over ``label_column``) or ``quantity`` (skewed client sizes).
-        partition_alpha: Dirichlet concentration of ``dirichlet`` / ``quantity`` (smaller: more skewed).
-        min_size: Fewest samples a client may get.
-        test_fraction: Share of each client's samples held out for its evaluation.
-        max_samples: Use at most this many samples of the data (0: all), taken before partitioning.
-    """
-
-    name: str = "hf_causal_lm"
-    name_or_path: str = ""
-    data_path: str = ""
-    text_column: str = "text"
-    label_column: str | None = None
-    max_length: int = 64
-    partition: str = "iid"
-    partition_alpha: float = 0.5
-    min_size: int = 2
-    test_fraction: float = 0.25
-    max_samples: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        a = self.partition_alpha
-        check_fields(
-            "workload",
-            [
-                (
-                    bool(self.name_or_path),
-                    "name_or_path",
-                    self.name_or_path,
-                    "must name a model dir or hub id",
-                ),
-                (
-                    bool(self.data_path),
-                    "data_path",
-                    self.data_path,
-                    "must name a .jsonl/.parquet file or dir",
-                ),
-                (bool(self.text_column), "text_column", self.text_column, "must name a column"),
-                (self.max_length >= 2, "max_length", self.max_length, "must be >= 2"),
-                (
-                    self.partition in hf.PARTITIONS,
-                    "partition",
-                    self.partition,
-                    f"must be one of {list(hf.PARTITIONS)}",
-                ),
-                (
-                    self.partition != "dirichlet" or bool(self.label_column),
-                    "label_column",
-                    self.label_column,
-                    "must name a column with partition=dirichlet",
-                ),
-                (math.isfinite(a) and a > 0, "partition_alpha", a, "must be finite and > 0"),
-                (
-                    self.min_size >= 2,
-                    "min_size",
-                    self.min_size,
-                    "must be >= 2 (a client needs train and test)",
-                ),
-                (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)"),
-                (self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0 (0: all)"),
-            ],
-        )
 
 
 def corruption_params(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
@@ -294,15 +216,6 @@ class HFCausalLMWorkload(LoRAWorkload):
         """
         super().__init__(cfg)
         self.w: HFCausalLMConfig = cfg.workload  # type: ignore[assignment]
-        self.data_cfg = hf.HFDataConfig(
-            path=self.w.data_path,
-            text_column=self.w.text_column,
-            label_column=self.w.label_column or None,
-            max_length=self.w.max_length,
-        )
-        self.part_cfg = hf.PartitionConfig(
-            kind=self.w.partition, alpha=float(self.w.partition_alpha), min_size=self.w.min_size
-        )
         self._splits: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         self._used: dict[int, np.ndarray] = {}
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
@@ -332,9 +245,9 @@ class HFCausalLMWorkload(LoRAWorkload):
 
     def texts(self) -> tuple[list[str], list | None]:
         """All texts and labels of ``data_path`` (read once per process)."""
-        key = (_stamp(self.data_cfg.path), self.data_cfg.text_column, self.data_cfg.label_column)
+        key = (_stamp(self.w.data_path), self.w.text_column, self.w.label_column)
         if key not in _TEXTS:
-            _TEXTS[key] = hf.load_texts(self.data_cfg)
+            _TEXTS[key] = hf.load_texts(self.w)
         return _TEXTS[key]
 
     def tokenizer(self) -> Any:
@@ -371,13 +284,13 @@ class HFCausalLMWorkload(LoRAWorkload):
         used = self.used(trial)
         key = (
             _stamp(self.w.name_or_path),
-            _stamp(self.data_cfg.path),
-            self.data_cfg.text_column,
-            self.data_cfg.max_length,
+            _stamp(self.w.data_path),
+            self.w.text_column,
+            self.w.max_length,
             hashlib.sha1(used.tobytes()).hexdigest(),
         )
         if key not in _TOKENS:
-            _TOKENS[key] = hf.tokenize(self.tokenizer(), [texts[i] for i in used], self.data_cfg.max_length)
+            _TOKENS[key] = hf.tokenize(self.tokenizer(), [texts[i] for i in used], self.w.max_length)
         self._tokens[trial] = _TOKENS[key]
         return self._tokens[trial]
 
@@ -404,7 +317,7 @@ class HFCausalLMWorkload(LoRAWorkload):
             used = self.used(trial)
             lab = None if labels is None else [labels[i] for i in used]
             try:
-                parts = hf.partition(self.part_cfg, len(used), self.K, self._seed(trial, PARTITION), lab)
+                parts = hf.partition(self.w, len(used), self.K, self._seed(trial, PARTITION), lab)
             except ValueError as exc:
                 msg = f"workload: {len(used)} samples, {self.K} clients: {exc}"
                 raise ValueError(msg) from exc

@@ -48,38 +48,43 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     )
 
 
+def section(**kw: object) -> hf.HFCausalLMConfig:
+    """The hf_causal_lm workload section (the data functions read it)."""
+    return hf.HFCausalLMConfig(**{"name_or_path": "unused-model", "data_path": "unused.jsonl", **kw})
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_load_texts(data_files: dict[str, Path], fmt: str) -> None:
-    texts, labels = hf.load_texts(hf.HFDataConfig(path=str(data_files[fmt]), label_column="label"))
+    texts, labels = hf.load_texts(section(data_path=str(data_files[fmt]), label_column="label"))
     assert (texts, labels) == corpus()
-    texts2, none = hf.load_texts(hf.HFDataConfig(path=str(data_files[fmt])))
+    texts2, none = hf.load_texts(section(data_path=str(data_files[fmt])))
     assert texts2 == texts and none is None
     with pytest.raises(ValueError, match="no (column|field) 'topic'"):
-        hf.load_texts(hf.HFDataConfig(path=str(data_files[fmt]), label_column="topic"))
+        hf.load_texts(section(data_path=str(data_files[fmt]), label_column="topic"))
 
 
 def test_load_texts_dir_and_errors(data_files: dict[str, Path], tmp_path: Path) -> None:
-    texts, _ = hf.load_texts(hf.HFDataConfig(path=str(data_files["jsonl"].parent)))
+    texts, _ = hf.load_texts(section(data_path=str(data_files["jsonl"].parent)))
     assert len(texts) == 2 * len(corpus()[0])  # both files, sorted by name
     with pytest.raises(ValueError, match="expected a .jsonl or .parquet"):
-        hf.load_texts(hf.HFDataConfig(path=str(tmp_path / "x.csv")))
-    with pytest.raises(ValueError, match=r"HFDataConfig\.max_length.*1"):
-        hf.HFDataConfig(path="x.jsonl", max_length=1)
-    with pytest.raises(ValueError, match=r"PartitionConfig\.kind.*'zipf'"):
-        hf.PartitionConfig(kind="zipf")
-    with pytest.raises(ValueError, match=r"PartitionConfig\.alpha"):
-        hf.PartitionConfig(alpha=0)
+        hf.load_texts(section(data_path=str(tmp_path / "x.csv")))
+    with pytest.raises(ValueError, match=r"workload\.max_length=1"):
+        section(data_path="x.jsonl", max_length=1)
+    with pytest.raises(ValueError, match=r"workload\.partition='zipf'"):
+        section(partition="zipf")
+    with pytest.raises(ValueError, match=r"workload\.partition_alpha=0"):
+        section(partition_alpha=0)
 
 
 def test_model_train_extract_evaluate(model_dir: tuple[str, Path], data_files: dict[str, Path]) -> None:
     arch, path = model_dir
     tok = hf.load_tokenizer(path)
-    texts, labels = hf.load_texts(hf.HFDataConfig(path=str(data_files["parquet"]), label_column="label"))
+    texts, labels = hf.load_texts(section(data_path=str(data_files["parquet"]), label_column="label"))
     data = hf.tokenize(tok, texts, max_length=16)
     assert data["input_ids"].shape == data["labels"].shape and data["input_ids"].shape[1] <= 16
     assert torch.all((data["labels"] == -100) == (data["attention_mask"] == 0))
     parts = hf.partition(
-        hf.PartitionConfig(kind="dirichlet", alpha=0.5), len(texts), 4, seed=0, labels=labels
+        section(partition="dirichlet", partition_alpha=0.5, label_column="label", min_size=2), len(texts), 4, seed=0, labels=labels
     )
     targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "up_proj"]
     spec = lora.LoraSpec(r=2, alpha=4.0, targets=targets)
@@ -106,8 +111,8 @@ def test_model_train_extract_evaluate(model_dir: tuple[str, Path], data_files: d
 def test_partitioners_cover_each_sample_once() -> None:
     texts, labels = corpus(90)
     n = len(texts)
-    for kind, kw in (("iid", {}), ("quantity", {"alpha": 0.3}), ("dirichlet", {"alpha": 0.2})):
-        cfg = hf.PartitionConfig(kind=kind, **kw)
+    for kind, alpha in (("iid", 0.5), ("quantity", 0.3), ("dirichlet", 0.2)):
+        cfg = section(partition=kind, partition_alpha=alpha, label_column="label", min_size=2)
         parts = hf.partition(cfg, n, 5, seed=3, labels=labels)
         assert len(parts) == 5 and all(len(p) >= 1 for p in parts)
         assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n)), kind
@@ -129,6 +134,6 @@ def test_partitioners_cover_each_sample_once() -> None:
         > dominance(hf.partition_iid(n, 5, seed=0)) + 0.2
     )
     with pytest.raises(ValueError, match="needs labels"):
-        hf.partition(hf.PartitionConfig(kind="dirichlet"), n, 5, seed=0)
+        hf.partition(section(partition="dirichlet", label_column="label"), n, 5, seed=0)
     with pytest.raises(ValueError, match="min_size"):
         hf.partition_quantity(4, 5, alpha=1.0, seed=0)
