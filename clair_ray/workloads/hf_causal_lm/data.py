@@ -133,7 +133,6 @@ class HFCausalLMConfig(LoRAWorkloadConfig):
         )
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Model, tokenizer, data
 # ---------------------------------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def _data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
         if not files:
-            raise ValueError(f"workload.data_path={str(path)!r}: no .jsonl or .parquet files in the directory")
+            raise ValueError(f"workload.data_path={str(path)!r}: no .jsonl or .parquet files in it")
         return files
     if path.suffix not in _SUFFIXES:
         raise ValueError(f"workload.data_path={str(path)!r}: expected a .jsonl or .parquet file")

@@ -83,9 +83,8 @@ def test_model_train_extract_evaluate(model_dir: tuple[str, Path], data_files: d
     data = hf.tokenize(tok, texts, max_length=16)
     assert data["input_ids"].shape == data["labels"].shape and data["input_ids"].shape[1] <= 16
     assert torch.all((data["labels"] == -100) == (data["attention_mask"] == 0))
-    parts = hf.partition(
-        section(partition="dirichlet", partition_alpha=0.5, label_column="label", min_size=2), len(texts), 4, seed=0, labels=labels
-    )
+    split = section(partition="dirichlet", partition_alpha=0.5, label_column="label", min_size=2)
+    parts = hf.partition(split, len(texts), 4, seed=0, labels=labels)
     targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "up_proj"]
     spec = lora.LoraSpec(r=2, alpha=4.0, targets=targets)
     base = hf.load_model(path)  # the real from_pretrained path
