@@ -44,7 +44,7 @@ from clair_ray.workloads.base import check_fields
 from clair_ray.workloads.lora.spec import LoRAWorkloadConfig
 
 if TYPE_CHECKING:
-    from clair_ray.workloads.lora import adapters as lora
+    pass
 
 # transformers and peft (through lora.py) are imported where a model is built or trained, so that the
 # task's configs and data (what a driver or an aggregator needs) load without them.
@@ -62,11 +62,9 @@ __all__ = [
     "cluster_of",
     "corrupt_copy_targets",
     "default_targets",
-    "evaluate",
     "load_base",
     "make_model",
     "substitution_map",
-    "train_client",
 ]
 
 ARCHS: tuple[str, ...] = ("gpt2", "llama")
@@ -485,39 +483,3 @@ def base_metrics(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Client training and evaluation (shared LoRA code in lora.py)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def train_client(
-    base: str | os.PathLike | torch.nn.Module,
-    lora_cfg: lora.LoraSpec,
-    data: Mapping[str, torch.Tensor],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> tuple[lora.Factors, float]:
-    """One client's LoRA fine-tuning from the base (see :func:`clair_ray.workloads.lora.train_client`).
-
-    Args:
-        base: A base directory from :func:`build_base`, a plain model (copied), or a resident peft model
-            (reset to the common initialisation and reused).
-        lora_cfg: The LoRA knobs.
-        data: From :func:`client_data`.
-        steps: Optimiser steps.
-        lr: AdamW learning rate.
-        batch_size: Sequences per step.
-        seed: Batch-order seed.
-
-    Returns:
-        (module -> (B (out, r), A (r, in)) float64 numpy, Linear orientation; final training loss).
-    """
-    from clair_ray.workloads.lora import adapters as lora
-
-    return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_base)
-
-
-def evaluate(model: torch.nn.Module, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Target loss, exact-match copy accuracy and token accuracy of a model (with or without adapter)."""
-    from clair_ray.workloads.lora import adapters as lora
-
-    return lora.evaluate_lm(model, data)

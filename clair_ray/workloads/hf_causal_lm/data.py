@@ -31,7 +31,7 @@ from clair_ray.workloads.base import check_fields
 from clair_ray.workloads.lora.spec import LoRAWorkloadConfig
 
 if TYPE_CHECKING:
-    from clair_ray.workloads.lora import adapters as lora
+    pass
 
 # peft (through adapters.py) and transformers are imported where a model is loaded or trained: the
 # driver reads data and partitions without them.
@@ -40,7 +40,6 @@ __all__ = [
     "PARTITIONS",
     "HFCausalLMConfig",
     "client_subset",
-    "evaluate",
     "load_model",
     "load_texts",
     "load_tokenizer",
@@ -49,7 +48,6 @@ __all__ = [
     "partition_iid",
     "partition_quantity",
     "tokenize",
-    "train_client",
     "write_tiny_model",
 ]
 
@@ -323,32 +321,6 @@ def client_subset(data: Mapping[str, torch.Tensor], indices: np.ndarray) -> dict
 # ---------------------------------------------------------------------------------------------------------
 # Clients (shared LoRA code)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def train_client(
-    base: str | os.PathLike | torch.nn.Module,
-    lora_cfg: lora.LoraSpec,
-    data: Mapping[str, torch.Tensor],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> tuple[lora.Factors, float]:
-    """One client's LoRA fine-tuning (see :func:`clair_ray.workloads.lora.train_client`).
-
-    ``base`` may be a model directory / hub id (loaded with :func:`load_model`), a plain model (copied)
-    or a resident peft model (reset and reused).
-    """
-    from clair_ray.workloads.lora import adapters as lora
-
-    return lora.train_client(base, lora_cfg, data, steps, lr, batch_size, seed, loader=load_model)
-
-
-def evaluate(model: torch.nn.Module, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Token loss, exact match (every real token right) and token accuracy."""
-    from clair_ray.workloads.lora import adapters as lora
-
-    return lora.evaluate_lm(model, data)
 
 
 def write_tiny_model(

@@ -162,17 +162,25 @@ def test_base_cache_hit_reloads_via_from_pretrained(tmp_path: Path, monkeypatch:
 def test_train_client_deterministic_and_reusable(base_path: Path) -> None:
     cfg = task()
     data = ct.client_data(cfg, 0, seed=1, n_sequences=8)
-    f1, l1 = ct.train_client(base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3)
-    f2, l2 = ct.train_client(base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3)
+    f1, l1 = lora.train_client(
+        base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3, loader=ct.load_base
+    )
+    f2, l2 = lora.train_client(
+        base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3, loader=ct.load_base
+    )
     assert l1 == l2 and f1.keys() == f2.keys()
     assert all(np.array_equal(f1[n][0], f2[n][0]) and np.array_equal(f1[n][1], f2[n][1]) for n in f1)
     # A resident peft model reused for another virtual client gives the same numbers as a fresh one.
     resident = lora.wrap_lora(ct.load_base(base_path), SPEC)
-    ct.train_client(resident, SPEC, ct.client_data(cfg, 1, seed=1, n_sequences=8), 5, 1e-2, 4, 9)
-    f3, l3 = ct.train_client(resident, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3)
+    lora.train_client(
+        resident, SPEC, ct.client_data(cfg, 1, seed=1, n_sequences=8), 5, 1e-2, 4, 9, loader=ct.load_base
+    )
+    f3, l3 = lora.train_client(
+        resident, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=3, loader=ct.load_base
+    )
     assert l3 == l1 and all(np.array_equal(f1[n][0], f3[n][0]) for n in f1)
     with pytest.raises(ValueError, match=r"spec\.r=3 differs"):
-        ct.train_client(
+        lora.train_client(
             resident,
             lora.LoraSpec(r=3, targets=ct.default_targets("gpt2")),
             data,
@@ -180,8 +188,11 @@ def test_train_client_deterministic_and_reusable(base_path: Path) -> None:
             lr=1e-2,
             batch_size=4,
             seed=3,
+            loader=ct.load_base,
         )
-    _, l4 = ct.train_client(base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=4)
+    _, l4 = lora.train_client(
+        base_path, SPEC, data, steps=5, lr=1e-2, batch_size=4, seed=4, loader=ct.load_base
+    )
     assert l4 != l1
     # Factors shapes: B (out, r), A (r, in) for every adapted module (2 per attention + 2 MLP).
     assert len(f1) == 4 * SMALL.n_layer
@@ -192,7 +203,7 @@ def test_train_client_deterministic_and_reusable(base_path: Path) -> None:
 def test_evaluate_metrics(base_path: Path) -> None:
     model = ct.load_base(base_path)
     data = ct.client_data(task(), None, seed=0, n_sequences=16, split="test")
-    m = ct.evaluate(model, data)
+    m = lora.evaluate_lm(model, data)
     assert set(m) >= {"loss", "exact_match"} and m["loss"] > 0 and 0 <= m["exact_match"] <= 1
     # A model that always predicts the right token: loss ~ 0, exact match 1.
     perfect = data["input_ids"]
@@ -202,7 +213,7 @@ def test_evaluate_metrics(base_path: Path) -> None:
             nxt = torch.cat([perfect[:, 1:], perfect[:, :1]], dim=1)
             return type("Out", (), {"logits": 50.0 * torch.nn.functional.one_hot(nxt, SMALL.vocab_size)})
 
-    m = ct.evaluate(Oracle(), data)
+    m = lora.evaluate_lm(Oracle(), data)
     assert m["exact_match"] == 1.0 and m["loss"] < 1e-6
 
 
@@ -211,7 +222,9 @@ def test_end_to_end_six_clients_into_clair(base_path: Path) -> None:
     factors = []
     for k in range(6):
         data = ct.client_data(cfg, k, seed=10, n_sequences=8, corruption="reversed" if k == 5 else None)
-        f, loss = ct.train_client(base_path, SPEC, data, steps=4, lr=1e-2, batch_size=8, seed=k)
+        f, loss = lora.train_client(
+            base_path, SPEC, data, steps=4, lr=1e-2, batch_size=8, seed=k, loader=ct.load_base
+        )
         assert np.isfinite(loss)
         factors.append(f)
     name = "transformer.h.0.mlp.c_fc"
@@ -221,7 +234,7 @@ def test_end_to_end_six_clients_into_clair(base_path: Path) -> None:
         lora.wrap_lora(ct.load_base(base_path), SPEC), {name: res.refined}
     )
     lora.load_factors(shared, adapters[res.honest[0]])
-    assert np.isfinite(ct.evaluate(shared, ct.client_data(cfg, 0, 1, 4, split="test"))["loss"])
+    assert np.isfinite(lora.evaluate_lm(shared, ct.client_data(cfg, 0, 1, 4, split="test"))["loss"])
 
 
 def test_llama_base_and_client(tmp_path: Path) -> None:
@@ -231,7 +244,7 @@ def test_llama_base_and_client(tmp_path: Path) -> None:
     path = ct.build_base(cfg, tmp_path)
     spec = lora.LoraSpec(r=2, alpha=2.0, targets=ct.default_targets("llama"))
     data = ct.client_data(ct.CopyTaskConfig(base=cfg, n_common=2, n_personal=1), 0, 0, 4)
-    f, loss = ct.train_client(path, spec, data, steps=2, lr=1e-2, batch_size=4, seed=0)
+    f, loss = lora.train_client(path, spec, data, steps=2, lr=1e-2, batch_size=4, seed=0, loader=ct.load_base)
     assert len(f) == 7 and np.isfinite(loss)
     b, a = f["model.layers.0.mlp.down_proj"]
     assert b.shape == (16, 2) and a.shape == (2, 32)

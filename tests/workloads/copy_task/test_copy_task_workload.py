@@ -21,6 +21,7 @@ from clair_ray.workloads import get_workload
 from clair_ray.workloads.base import ClientJob, Group
 from clair_ray.workloads.copy_task import task as ct
 from clair_ray.workloads.copy_task.workload import CopyTaskWorkload
+from clair_ray.workloads.lora import adapters as lora
 from clair_ray.workloads.lora.methods import fedavg_factors
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,8 +105,15 @@ def test_grouped_batch_equals_one_at_a_time_and_peft(tmp_path: Path, copy_cache:
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
         # peft, one client at a time, with lora.train_lora's batch order from the same seed.
         t = cfg.workload.lora
-        ref, _ = ct.train_client(
-            ct.load_base(wl.prepare()), wl.spec, wl.train_data(0, job[0]), t.steps, t.lr, t.batch, job[1]
+        ref, _ = lora.train_client(
+            ct.load_base(wl.prepare()),
+            wl.spec,
+            wl.train_data(0, job[0]),
+            t.steps,
+            t.lr,
+            t.batch,
+            job[1],
+            loader=ct.load_base,
         )
         for n in names:
             np.testing.assert_allclose(

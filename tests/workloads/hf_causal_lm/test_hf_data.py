@@ -88,22 +88,31 @@ def test_model_train_extract_evaluate(model_dir: tuple[str, Path], data_files: d
     targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "up_proj"]
     spec = lora.LoraSpec(r=2, alpha=4.0, targets=targets)
     base = hf.load_model(path)  # the real from_pretrained path
-    before = hf.evaluate(base, data)
+    before = lora.evaluate_lm(base, data)
     factors = []
     for k, idx in enumerate(parts):
-        f, loss = hf.train_client(
-            path, spec, hf.client_subset(data, idx), steps=6, lr=3e-2, batch_size=8, seed=k
+        f, loss = lora.train_client(
+            path,
+            spec,
+            hf.client_subset(data, idx),
+            steps=6,
+            lr=3e-2,
+            batch_size=8,
+            seed=k,
+            loader=hf.load_model,
         )
         assert np.isfinite(loss)
         factors.append(f)
-    f_again, _ = hf.train_client(path, spec, hf.client_subset(data, parts[0]), 6, 3e-2, 8, 0)
+    f_again, _ = lora.train_client(
+        path, spec, hf.client_subset(data, parts[0]), 6, 3e-2, 8, 0, loader=hf.load_model
+    )
     assert all(np.array_equal(f_again[n][0], factors[0][n][0]) for n in f_again)
     name = next(iter(factors[0]))
     res = clair_ray.clair(lora.stack_pairs(factors, name), rank=1)
     assert res.subspace.shape[1] == 1
     model = lora.wrap_lora(hf.load_model(path), spec)
     lora.load_factors(model, factors[0])
-    after = hf.evaluate(model, hf.client_subset(data, parts[0]))
+    after = lora.evaluate_lm(model, hf.client_subset(data, parts[0]))
     assert after["loss"] < before["loss"]
 
 
