@@ -138,7 +138,9 @@ class Results:
         self.n_runs = int(self.summary[results.PARTITION].nunique()) if len(self.summary) else 0
         # LM workloads have no parameter error: judge honest clients by their held-out loss there
         loss = "honest_mean_test_loss"
-        has_error = len(self.summary) and self.summary["honest_mean_error"].notna().any()
+        # Each workload declares its own summary columns: the linear one a parameter error, LM ones a loss.
+        err = self.summary.get("honest_mean_error")
+        has_error = len(self.summary) and err is not None and err.notna().any()
         self.metric = "honest_mean_error" if has_error or loss not in self.summary else loss
         self.metric_label = "mean error ‖W̃_k − W_k‖_F" if self.metric == "honest_mean_error" else "test loss"
         self.het = HETEROGENEITY
@@ -398,7 +400,11 @@ def _plots(res: Results, out: Path, f1: pd.DataFrame, can_gain: bool) -> list[st
             "Honest clients' error per method", out / "honest_error.png", logy=True,
         )  # fmt: skip
         done("honest_error.png", "Honest-client error vs contamination fraction per method", note)
-    sub = res.summary[res.summary["subspace_error"].notna()]
+    sub = (
+        res.summary[res.summary["subspace_error"].notna()]
+        if "subspace_error" in res.summary
+        else res.summary[:0]
+    )
     if not res.varied(NOISE):
         skip("subspace_error.png", f"`{NOISE}` was not varied")
     elif not len(sub):

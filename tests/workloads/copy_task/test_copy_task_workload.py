@@ -210,6 +210,11 @@ def test_small_run_writes_tables_and_is_actor_count_invariant(tmp_path: Path, co
 
     for a, b in ((one.clients, two.clients), (one.summary, two.summary), (one.detection, two.detection)):
         pd.testing.assert_frame_equal(stable(a), stable(b), check_exact=True)
+    # The report reads the workload's own summary columns (a loss here, no parameter error).
+    from clair_ray.report import build_report
+
+    _, text = build_report(tmp_path / "two", plots=False)
+    assert "clair" in text and "test loss" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
