@@ -1,5 +1,6 @@
-"""Command line: ``clair-ray run CONFIG [key=value ...]``, ``clair-ray sweep SWEEP [key=value ...]``,
-``clair-ray report RESULTS_DIR`` and ``clair-ray demo``.
+"""Command line: ``clair-ray run CONFIG [key=value ...]``, ``clair-ray config CONFIG [key=value ...]``,
+``clair-ray sweep SWEEP [key=value ...]``, ``clair-ray report RESULTS_DIR``, ``clair-ray demo`` and
+``clair-ray --version``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"clair-ray run: {exc}", file=sys.stderr)
         return 2
-    from clair_ray.engine import EngineError, run_experiment
+    from clair_ray.engine import EngineError, RunInterrupted, run_experiment
     from clair_ray.results import format_summary
 
     t0 = time.perf_counter()
@@ -31,6 +32,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         res = run_experiment(cfg, progress=lambda msg: print(msg, flush=True))
+    except RunInterrupted as exc:
+        again = " ".join(
+            ["clair-ray run", args.config, *[o for o in args.overrides if not o.startswith("resume=")]]
+        )
+        print(f"\nclair-ray run: {exc}; continue with: {again} resume=true", file=sys.stderr)
+        return 130
     except (EngineError, ConfigError, FileNotFoundError) as exc:  # incl. a workload refusing its data
         print(f"clair-ray run: {exc}", file=sys.stderr)
         return 1
@@ -42,6 +49,18 @@ def _run(args: argparse.Namespace) -> int:
     title = "final round" + (f", mean±std over {cfg.trials} trials" if cfg.trials > 1 else "")
     print(f"\nsummary ({title}):")
     print(format_summary(res.summary, res.detection))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from clair_ray.config import ConfigError, load_config, to_yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"clair-ray config: {exc}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
     return 0
 
 
@@ -92,16 +111,31 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands ``run``, ``sweep``, ``report`` and ``demo``)."""
+    from clair_ray import __version__
+
     parser = argparse.ArgumentParser(
         prog="clair-ray", description="Federated fine-tuning under contamination."
     )
+    parser.add_argument("--version", action="version", version=f"clair-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment config")
-    run.add_argument("config", help="YAML config file (see configs/)")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=3")
+    run = sub.add_parser(
+        "run",
+        help="run an experiment config",
+        description="Runs an experiment config on Ray and writes config.yaml, clients/summary/detection/"
+        "rounds.parquet, run.log and a checkpoint to its output_dir (a non-empty output_dir needs "
+        "resume=true or overwrite=true). `clair-ray config CONFIG` prints every key with its value.",
+    )
+    run.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    run.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=3 output_dir=results/x"
+    )
     run.set_defaults(func=_run)
+    config = sub.add_parser("config", help="print the resolved, validated config (every key) and exit")
+    config.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    config.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    config.set_defaults(func=_config)
     sweep = sub.add_parser("sweep", help="run a Ray Tune sweep (a config plus a sweep: section)")
-    sweep.add_argument("config", help="sweep YAML (see configs/sweep_*.yaml)")
+    sweep.add_argument("config", nargs="?", help="sweep YAML (see configs/sweep_*.yaml)")
     sweep.add_argument(
         "overrides", nargs="*", metavar="key=value", help="overrides, e.g. sweep.resume=true or trials=2"
     )
@@ -136,7 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "demo":  # everything after "demo" belongs to the demo, flags included
         return _demo(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    if getattr(args, "config", "") is None:  # argparse would name key=value as missing too
+        example = "configs/sweep_linear_small.yaml" if args.command == "sweep" else "configs/linear.yaml"
+        print(
+            f"clair-ray {args.command}: give a config file, e.g. clair-ray {args.command} {example} "
+            "(the YAML files are in configs/)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # before or after the work itself (the run command handles its own)
+        print("\nclair-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ __all__ = [
     "import_plugins",
     "load_config",
     "plugin_paths",
+    "replace_mappings",
     "to_dict",
     "to_yaml",
     "unlisted_registrations",
@@ -250,6 +251,10 @@ class ExperimentConfig:
         trials: Independent repetitions (trial t draws a fresh problem from (seed, t)).
         output_dir: Where results go (a run writes into this directory).
         resume: Continue from the last checkpoint in ``output_dir``.
+        overwrite: Empty a non-empty ``output_dir`` first. Without ``resume`` or ``overwrite`` a run refuses
+            an ``output_dir`` that holds files (results are never silently replaced).
+        tensorboard: Also write every round's summary metrics (per method) as TensorBoard event files to
+            ``output_dir/tensorboard`` (``tensorboard --logdir OUTPUT_DIR/tensorboard``).
         plugins: Python modules imported before the config is validated, in the driver and in every actor
             (each may register aggregators, attacks or workloads). Only the config file or command line
             a user gives names them; a results directory's saved config never imports anything.
@@ -265,6 +270,8 @@ class ExperimentConfig:
     trials: int = 1
     output_dir: str = "results/run"
     resume: bool = False
+    overwrite: bool = False
+    tensorboard: bool = False
     plugins: list[str] = field(default_factory=list)
     workload: WorkloadConfig = field(default_factory=LinearConfig)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
@@ -278,6 +285,12 @@ class ExperimentConfig:
             (self.trials >= 1, "trials", self.trials, "must be >= 1"),
             (self.seed >= 0, "seed", self.seed, "must be >= 0"),
             (bool(self.output_dir), "output_dir", self.output_dir, "must not be empty"),
+            (
+                not (self.resume and self.overwrite),
+                "overwrite",
+                self.overwrite,
+                "cannot be combined with resume=true",
+            ),
             (g.min_clients <= K, "engine.min_clients", g.min_clients, f"must be <= workload.num_clients={K}"),
         ]
         for key in ("debug_fail_clients", "debug_nonfinite_clients"):
@@ -433,10 +446,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value")
         if overrides:
+            replace_mappings(parts, overrides)
             parts.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc) from exc
     return build_config(parts)
+
+
+def replace_mappings(parts: list[DictConfig], overrides: list[str]) -> None:
+    """Makes a mapping override (``contamination.mix={data_random: 1.0}``) replace the file's mapping.
+
+    OmegaConf merges mappings key by key, so without this a user would get the file's attacks besides
+    the ones the override lists. The key is removed from the earlier layers; the override then sets it.
+    """
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not value.strip().startswith("{"):
+            continue
+        parent, _, leaf = key.strip().rpartition(".")
+        for part in parts:
+            node = OmegaConf.select(part, parent) if parent else part
+            if isinstance(node, DictConfig) and leaf in node:
+                del node[leaf]
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -479,7 +510,7 @@ def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     Engine layout, Ray options, output location and debug hooks do not change any result number.
     """
     d = to_dict(cfg)
-    for key in ("output_dir", "resume", "ray", "name"):
+    for key in ("output_dir", "resume", "overwrite", "tensorboard", "ray", "name"):
         d.pop(key, None)
     eng = d.pop("engine")
     d["engine"] = {

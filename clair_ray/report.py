@@ -26,36 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from clair_ray import results
+from clair_ray.results import read_sweep
 
 FRACTION, HETEROGENEITY, NOISE = "contamination.fraction", "workload.heterogeneity", "workload.noise_std"
 REPLICATES = ("seed",)  # swept keys that are replicates, not conditions
 MAX_PANELS = 4
-
-
-def read_sweep(results_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """Reads a gathered dataset: ``clients``, ``summary``, ``detection`` (with ``sweep_trial`` and the
-    parameter columns) and ``trials``."""
-    root = Path(results_dir)
-    part = pads.partitioning(pa.schema([(results.PARTITION, pa.string())]), flavor="hive")
-    out = {}
-    for name in results.TABLES:
-        if (root / name).is_dir():
-            df = pads.dataset(root / name, format="parquet", partitioning=part).to_table().to_pandas()
-        elif (root / f"{name}.parquet").exists():  # a compact copy (see compact_results)
-            df = pq.read_table(root / f"{name}.parquet").to_pandas()
-        else:
-            schema = {"clients": results.CLIENT_SCHEMA, "summary": results.SUMMARY_SCHEMA}.get(
-                name, results.DETECTION_SCHEMA
-            )
-            df = schema.empty_table().to_pandas()
-        out[name] = df
-    out["trials"] = pq.read_table(root / "trials.parquet").to_pandas()
-    return out
 
 
 def compact_results(results_dir: str | Path, dest: str | Path) -> Path:
@@ -211,9 +190,37 @@ def _panels(res: Results, x: str, exclude: tuple[str, ...] = ()) -> tuple[str | 
     return panel, averaged
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _replicates(res: Results, df: pd.DataFrame) -> list[str]:
+    """Columns that tell replicates apart: the engine trial and the swept replicate keys (seeds)."""
+    return ["trial", *[k for k in res.params if k in REPLICATES and k in df]]
+
+
+def _over_seeds(res: Results, df: pd.DataFrame, by: list[str], y: str) -> pd.DataFrame:
+    """Mean and std of ``y`` over seeds only: each replicate is first averaged over the conditions that are
+    not in ``by`` (so the spread is the seeds', never the other conditions')."""
+    reps = _replicates(res, df)
+    per_rep = df.groupby([*by, *reps], dropna=False)[y].mean().reset_index()
+    return per_rep.groupby(by, dropna=False)[y].agg(["mean", "std", "count"]).reset_index()
+
+
 def _line_plot(
-    res: Results, df: pd.DataFrame, x: str, hue: str, y: str, ylabel: str, title: str, path: Path, logy: bool
+    res: Results,
+    df: pd.DataFrame,
+    x: str,
+    hue: str,
+    y: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    logy: bool,
+    bounds: tuple[float, float] | None = None,
 ) -> str:
+    """One line per ``hue`` value of ``y`` against ``x``, mean ± std over seeds, one panel per value of the
+    next swept key; the note says what else the points average over."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,25 +228,80 @@ def _line_plot(
 
     panel, averaged = _panels(res, x)
     keys = sorted(df[panel].unique()) if panel else [None]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6), squeeze=False, sharey=True)
+    handles: dict[str, Any] = {}
     for ax, pv in zip(axes[0], keys, strict=True):
         d = df if panel is None else df[df[panel] == pv]
-        for h, g in d.groupby(hue, sort=False):
-            stats = g.groupby(x)[y].agg(["mean", "std"]).reset_index().sort_values(x)
-            ax.errorbar(
-                stats[x], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=str(h)
-            )
+        for i, (h, g) in enumerate(d.groupby(hue, sort=False)):
+            stats = _over_seeds(res, g, [x], y).sort_values(x)
+            mean, std = stats["mean"].to_numpy(float), stats["std"].fillna(0).to_numpy(float)
+            lo, hi = std.copy(), std.copy()
+            if bounds is not None:  # a bounded metric (F1): the bar stays inside its range
+                lo, hi = np.minimum(std, mean - bounds[0]), np.minimum(std, bounds[1] - mean)
+            line = ax.errorbar(
+                stats[x], mean, yerr=[lo, hi], marker=MARKERS[i % len(MARKERS)],
+                linestyle=LINESTYLES[i % len(LINESTYLES)], capsize=3, alpha=0.85, label=str(h),
+                markersize=7 - (i % 3),
+            )  # fmt: skip
+            handles.setdefault(str(h), line)
         ax.set_xlabel(x)
         ax.set_title(title if panel is None else f"{title}\n{panel} = {pv}", fontsize=9)
         if logy:
             ax.set_yscale("log")
+        _pad_flat_axis(ax, d[y], logy, bounds)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7, title=hue, title_fontsize=7)
+    note = "mean ± std over seeds" + (f"; averaged over {', '.join(averaged)}" if averaged else "")
+    fig.suptitle(note, fontsize=8, y=0.0, va="top")
+    fig.legend(
+        list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+        title=hue, title_fontsize=7, frameon=False,
+    )  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return f"averaged over {', '.join(averaged)}" if averaged else ""
+
+
+def _pad_flat_axis(ax: Any, values: pd.Series, logy: bool, bounds: tuple[float, float] | None) -> None:
+    """A constant series gets a readable axis around its value (not 0.96-1.04 for a constant 1)."""
+    v = values.astype(float).dropna()
+    if not len(v) or v.max() - v.min() > 1e-9 * max(1.0, abs(v.max())):
+        if bounds is not None:
+            ax.set_ylim(bounds[0] - 0.05, bounds[1] + 0.05)
+        return
+    c = float(v.iloc[0])
+    if bounds is not None:
+        ax.set_ylim(bounds[0] - 0.05, bounds[1] + 0.05)
+    elif logy and c > 0:
+        ax.set_ylim(c / 3, c * 3)
+    else:
+        ax.set_ylim(c - max(0.5, abs(c)), c + max(0.5, abs(c)))
+
+
+def _bar_plot(df: pd.DataFrame, x: str, y: str, ylabel: str, title: str, path: Path, bounds=None) -> None:
+    """Bars of ``y`` per value of ``x``: mean ± std over the engine trials of one run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = df.groupby(x, sort=False)[y].agg(["mean", "std"]).reset_index()
+    mean, std = stats["mean"].to_numpy(float), stats["std"].fillna(0).to_numpy(float)
+    lo, hi = std, std
+    if bounds is not None:
+        lo, hi = np.minimum(std, mean - bounds[0]), np.minimum(std, bounds[1] - mean)
+    fig, ax = plt.subplots(figsize=(0.7 * len(stats) + 2.5, 3.4))
+    ax.bar(range(len(stats)), mean, yerr=[lo, hi], capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(stats)), [str(v) for v in stats[x]], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if bounds is not None:
+        ax.set_ylim(bounds[0], bounds[1] + 0.05)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _heatmap(res: Results, gain: pd.DataFrame, path: Path) -> None:
@@ -255,11 +317,16 @@ def _heatmap(res: Results, gain: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(range(piv.shape[0]), [f"{v:g}" for v in piv.index])
     ax.set_xlabel(FRACTION)
     ax.set_ylabel(res.het)
+    lo, hi = float(np.nanmin(piv.to_numpy())), float(np.nanmax(piv.to_numpy()))
     for i in range(piv.shape[0]):
         for j in range(piv.shape[1]):
-            ax.text(j, i, f"{piv.iat[i, j]:.2f}x", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, label=f"FedAvg / CLAIR, honest clients' {res.metric_label}")
-    ax.set_title("CLAIR's gain over FedAvg (mean over seeds)", fontsize=9)
+            v = piv.iat[i, j]
+            bright = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis is light (yellow) at the top
+            ax.text(j, i, f"{v:.2f}x", ha="center", va="center", color="k" if bright else "w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="FedAvg / CLAIR (honest clients)")
+    others = [k for k in res.conditions if k not in (FRACTION, res.het) and res.varied(k)]
+    over = "mean over seeds" + (f" and over {', '.join(others)}" if others else "")
+    ax.set_title(f"CLAIR's gain over FedAvg ({over})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -324,7 +391,11 @@ def build_report(
     md.append(
         f"{res.kind}, {res.n_runs} simulation(s), engine trials per simulation: {res.base.get('trials', 1)}; "
         f"workload {w.get('name')} with K={w.get('num_clients')}"
-        + (f", p={w.get('p')}, q={w.get('q')}, r={w.get('r')}" if w.get("name") == "linear" else "")
+        + (
+            f", p={w.get('p')}, q={w.get('q')}, r={w.get('true_rank', w.get('r'))}"
+            if w.get("name") == "linear"
+            else ""
+        )
         + "; final round of each run; mean ± std over seeds."
     )
     if res.params:
@@ -382,6 +453,23 @@ def _plots(res: Results, out: Path, f1: pd.DataFrame, can_gain: bool) -> list[st
     def done(name: str, what: str, note: str) -> None:
         lines.append(f"- ![{what}]({name}) {what}{f' ({note})' if note else ''}.")
 
+    if res.kind == "run":  # one configuration: bars per method and per attack, over the engine trials
+        _bar_plot(
+            res.summary, "method", res.metric, res.metric.removeprefix("honest_mean_").replace("_", " "),
+            f"Honest clients' {res.metric_label} per method (mean ± std over trials)", out / "methods.png",
+        )  # fmt: skip
+        done("methods.png", f"Honest clients' {res.metric_label} per method", "")
+        vis = f1[f1.groupby("attack")["n_detectable"].transform("sum") > 0] if len(f1) else f1
+        if len(vis):  # attacks with nothing visible outside U (in-subspace ones) have no F1 to show
+            _bar_plot(
+                vis, "attack", "f1", "detection F1 (CLAIR)",
+                "CLAIR's detection F1 per attack (mean ± std over trials)", out / "detection_attacks.png",
+                bounds=(0.0, 1.0),
+            )  # fmt: skip
+            hidden = sorted(set(f1["attack"]) - set(vis["attack"]))
+            note = f"left out, nothing to detect outside U: {', '.join(hidden)}" if hidden else ""
+            done("detection_attacks.png", "CLAIR's detection F1 per attack", note)
+        return lines
     if not res.varied(FRACTION):
         skip("detection_f1.png", f"`{FRACTION}` was not varied")
         skip("honest_error.png", f"`{FRACTION}` was not varied")
@@ -390,7 +478,7 @@ def _plots(res: Results, out: Path, f1: pd.DataFrame, can_gain: bool) -> list[st
             vis = f1[f1.groupby("attack")["n_detectable"].transform("sum") > 0]
             note = _line_plot(
                 res, vis, FRACTION, "attack", "f1", "detection F1 (CLAIR)",
-                "CLAIR's detection F1 per attack", out / "detection_f1.png", logy=False,
+                "CLAIR's detection F1 per attack", out / "detection_f1.png", logy=False, bounds=(0.0, 1.0),
             )  # fmt: skip
             done("detection_f1.png", "Detection F1 vs contamination fraction per attack", note)
         else:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clair_ray.attacks import ATTACKS
@@ -289,3 +290,51 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
     for label, cells in rows:
         lines.append("  ".join([label.ljust(w0)] + [c.rjust(w) for c, w in zip(cells, widths, strict=True)]))
     return "\n".join(lines)
+
+
+def read_sweep(results_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Reads a gathered dataset: ``clients``, ``summary``, ``detection`` (with ``sweep_trial`` and the
+    parameter columns) and ``trials``."""
+    root = Path(results_dir)
+    part = pads.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+    out = {}
+    for name in TABLES:
+        if (root / name).is_dir():
+            df = pads.dataset(root / name, format="parquet", partitioning=part).to_table().to_pandas()
+        elif (root / f"{name}.parquet").exists():  # a compact copy (see compact_results)
+            df = pq.read_table(root / f"{name}.parquet").to_pandas()
+        else:
+            schema = {"clients": CLIENT_SCHEMA, "summary": SUMMARY_SCHEMA}.get(name, DETECTION_SCHEMA)
+            df = schema.empty_table().to_pandas()
+        out[name] = df
+    out["trials"] = pq.read_table(root / "trials.parquet").to_pandas()
+    return out
+
+
+def is_sweep(path: str | Path) -> bool:
+    """Whether ``path`` is a gathered sweep (``<name>-results``) rather than one run's directory."""
+    return (Path(path) / "trials.parquet").exists()
+
+
+def load(path: str | Path) -> dict[str, pd.DataFrame]:
+    """The result tables of a run directory or of a gathered sweep, as pandas DataFrames.
+
+    Args:
+        path: A run's ``output_dir``, or a sweep's ``<storage_path>/<name>-results`` directory.
+
+    Returns:
+        ``clients``, ``summary``, ``detection`` (a sweep's with its ``sweep_trial`` column and one column per
+        swept key), plus ``rounds`` for a run (when written) or ``trials`` for a sweep.
+
+    Raises:
+        FileNotFoundError: ``path`` holds neither kind of results.
+    """
+    root = Path(path)
+    if is_sweep(root):
+        return read_sweep(root)
+    if not (root / "summary.parquet").exists():
+        raise FileNotFoundError(f"{root}: no summary.parquet or trials.parquet (neither a run nor a sweep)")
+    out = read_tables(root)
+    if (root / "rounds.parquet").exists():
+        out["rounds"] = pq.read_table(root / "rounds.parquet").to_pandas()
+    return out

@@ -21,8 +21,8 @@ def ray_session() -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    # address="local": never join another `ray start` cluster on this machine (RAY-NOTES' fixture plus this;
-    # a leftover /tmp/ray/ray_current_cluster otherwise makes num_cpus=2 raise).
+    # address="local": never join another `ray start` cluster on this machine (a leftover
+    # /tmp/ray/ray_current_cluster otherwise makes num_cpus=2 raise).
     ray.init(
         address="local",
         num_cpus=2,

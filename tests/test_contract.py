@@ -619,3 +619,29 @@ def test_plugin_aggregator_from_outside_the_package(tmp_path: Path, monkeypatch:
         p["reason"].str.replace("plugin_trimmed_mean", TOY, regex=False), t["reason"]
     )
     assert not np.allclose(p["error"], rows(res, "fedavg")["error"])
+
+
+@pytest.mark.parametrize("name", ["clair_plugin_example.py", "clair_attack_example.py"])
+def test_readme_examples_are_the_tested_plugin_files(name: str) -> None:
+    """The README's extension examples are these files, verbatim (so the README shows tested code)."""
+    readme = (REPO / "README.md").read_text()
+    marker = f"<!-- example: tests/plugin_example/{name} -->\n```python\n"
+    assert marker in readme, name
+    block = readme.split(marker, 1)[1].split("```\n", 1)[0]
+    assert block == (PLUGIN_DIR / name).read_text()
+
+
+def test_attack_plugin_example_loads_and_attacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    cfg = load_config(
+        LINEAR_SMALL,
+        [
+            "plugins=[clair_attack_example]",
+            "contamination.mix={shrunk_sign_flip: 1.0}",
+            "contamination.fraction=0.2",
+        ],
+    )
+    own = torch.ones(2, 3, dtype=torch.float64)
+    out = attacks.apply_update_attack("shrunk_sign_flip", own, None, torch.Generator(), scale=0.25)
+    assert torch.equal(out, -0.25 * own) and ATTACKS["shrunk_sign_flip"].in_subspace
+    assert dict(cfg.contamination.mix) == {"shrunk_sign_flip": 1.0}

@@ -1,4 +1,4 @@
-"""`ray job submit` end to end against a private head node on loopback (jobs/, RAY-NOTES "Cluster and jobs").
+"""`ray job submit` end to end against a private head node on loopback (jobs/, jobs/head.py).
 
 The head node gets its own temp dir and free ports, so other Ray instances on a shared machine are never
 touched. It is stopped by killing exactly its own processes (those naming its temp dir, and their
@@ -8,35 +8,24 @@ Ray included.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("head", REPO / "jobs" / "head.py")
+head = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(head)  # type: ignore[union-attr]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _env() -> dict[str, str]:
@@ -48,67 +37,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _stop_head(temp_dir: str) -> None:
-    """Terminates the processes of this head node only: those naming its temp dir, and their children."""
-    roots = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                roots.append(p)
-        except psutil.Error:
-            continue
-    procs = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            for c in p.children(recursive=True):
-                procs[c.pid] = c
-        except psutil.Error:
-            continue
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-
-
 @pytest.fixture
 def head_node() -> Iterator[str]:
-    """A 2-CPU head node on 127.0.0.1 with non-default ports; yields the job server address."""
-    temp_dir = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    gcs, dash, client, nm, om, agent, agent_grpc, metrics, renv = _free_ports(9)
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={renv}",
-        "--num-cpus=2",
-        "--object-store-memory=200000000",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
+    """A 2-CPU head node on 127.0.0.1 (jobs/head.py start); yields the job server address; stopped with
+    jobs/head.py's stop, which ends exactly its processes."""
+    info = head.start(2, 200_000_000, env=_env())
     try:
-        subprocess.run(cmd, env=_env(), check=True, capture_output=True, text=True, timeout=120)
-        yield f"http://127.0.0.1:{dash}"
+        yield info["dashboard"]
     finally:
-        _stop_head(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert head.stop(info["temp_dir"]) > 0
+        shutil.rmtree(info["temp_dir"], ignore_errors=True)
 
 
 def test_job_submit_runs_a_config_and_a_sweep_on_a_local_head(head_node: str, tmp_path: Path) -> None:
@@ -135,7 +73,7 @@ def test_job_submit_runs_a_config_and_a_sweep_on_a_local_head(head_node: str, tm
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log, log[-4000:]
-    assert "round 1/1: 12/12 clients" in log, "the job's own output is streamed back"
+    assert "round 0 (of 0..0): 12/12 clients" in log, "the job's own output is streamed back"
     for name in ("clients", "summary", "detection"):
         assert (out / f"{name}.parquet").exists()
     from clair_ray.results import read_tables

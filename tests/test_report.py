@@ -85,14 +85,13 @@ def _single_run(tmp_path: Path) -> Path:
     return run
 
 
-def test_a_single_run_skips_plots_whose_column_did_not_vary(tmp_path: Path) -> None:
+def test_a_single_run_draws_bars_instead_of_sweep_plots(tmp_path: Path) -> None:
     run = _single_run(tmp_path)
     path, text = build_report(run)
     assert path == run / "report.md"
-    assert "`detection_f1.png` skipped: `contamination.fraction` was not varied" in text
-    assert "`subspace_error.png` skipped: `workload.noise_std` was not varied" in text
-    assert "`gain_heatmap.png` skipped" in text
+    # One configuration: no sweep plots, but per-method and per-attack bars over its engine trials.
     assert not any((run / name).exists() for name in PLOTS)
+    assert "](methods.png)" in text and "](detection_attacks.png)" in text
     assert "| 1 run(s) |" in text
 
 
@@ -127,3 +126,20 @@ def test_readme_tables_are_the_reports_own_output() -> None:
     assert block.strip() == text.strip(), (
         "regenerate: clair-ray report tests/data/sweep_linear_small --markdown-only --heading-level 3"
     )
+
+
+def test_error_bars_are_over_seeds_only() -> None:
+    """A point averaged over a swept condition (noise_std) gets the spread of its seeds, not of the
+    condition: each seed is first averaged over the noise levels."""
+    from clair_ray.report import _over_seeds
+
+    res = Results(DATA)
+    s = res.summary[(res.summary["method"] == "clair") & (res.summary["workload.heterogeneity"] == 1.0)]
+    stats = _over_seeds(res, s, ["contamination.fraction"], "honest_mean_error").set_index(
+        "contamination.fraction"
+    )
+    for frac, g in s.groupby("contamination.fraction"):
+        per_seed = g.groupby("trial")["honest_mean_error"].mean()  # seeds: the engine trials; noise averaged
+        assert stats.loc[frac, "count"] == per_seed.size == 2
+        assert stats.loc[frac, "std"] == pytest.approx(per_seed.std())
+        assert stats.loc[frac, "std"] < g["honest_mean_error"].std()  # pooling would mix in the noise levels

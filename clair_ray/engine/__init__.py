@@ -6,6 +6,6 @@ looks inside updates, models or metrics. ``run_experiment(cfg)`` runs a config e
 
 from __future__ import annotations
 
-from clair_ray.engine.runner import EngineError, RunResult, SimulatedCrash, run_experiment
+from clair_ray.engine.runner import EngineError, RunInterrupted, RunResult, SimulatedCrash, run_experiment
 
-__all__ = ["EngineError", "RunResult", "SimulatedCrash", "run_experiment"]
+__all__ = ["EngineError", "RunInterrupted", "RunResult", "SimulatedCrash", "run_experiment"]

@@ -11,7 +11,12 @@ A checkpoint is written after every round.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import json
 import logging
+import math
+import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,10 +42,49 @@ from clair_ray.engine.actors import AggregatorActor, ClientActor
 from clair_ray.engine.session import EngineError, check_resources, ray_session
 from clair_ray.workloads import get_workload
 
-__all__ = ["EngineError", "RunResult", "SimulatedCrash", "run_experiment"]
+__all__ = ["EngineError", "RunInterrupted", "RunResult", "SimulatedCrash", "run_experiment"]
 
 log = logging.getLogger("clair_ray.engine")
 SHARED = "*"  # the group name when every method shares the round's updates (the first round)
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages results depend on (written to each run's versions.json)."""
+    out = {"python": platform.python_version()}
+    for name in (
+        "clair-ray",
+        "torch",
+        "ray",
+        "peft",
+        "transformers",
+        "numpy",
+        "pyarrow",
+        "pandas",
+        "omegaconf",
+    ):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class RunInterrupted(EngineError):
+    """Ctrl+C (SIGINT) stopped the run; the tables of its completed rounds are written.
+
+    Attributes:
+        out_dir: The run directory.
+        completed: (trial, round) of the last checkpointed round, or None if none completed.
+    """
+
+    def __init__(self, out_dir: Path, completed: tuple[int, int] | None) -> None:
+        self.out_dir, self.completed = out_dir, completed
+        done = (
+            "no round completed"
+            if completed is None
+            else f"completed up to trial {completed[0]} round {completed[1]}"
+        )
+        super().__init__(f"interrupted ({done}); tables of the completed rounds are in {out_dir}")
 
 
 class SimulatedCrash(EngineError):
@@ -104,6 +148,9 @@ class Runner:
         self.rows: list[dict[str, Any]] = []
         self.extras: dict[tuple[int, str, int], dict[str, float]] = {}
         self.timings: list[dict[str, Any]] = []
+        self._done: tuple[int, int] | None = None  # (trial, round) of the last checkpointed round
+        self._done_rows = 0  # client rows of the checkpointed rounds
+        self._tb: Any = None  # the TensorBoard writer (``tensorboard: true``)
         self.actors: list[Any] = []
         self.agg: Any = None
         self.pids: list[int] = []
@@ -300,10 +347,13 @@ class Runner:
                 "orchestration_s": round_s - client_s - agg_s - eval_s,
             }
         )
+        first_row = len(self.rows)
         self._record(trial, round_, methods, groups, agg_meta, train_meta, round_s)
+        if self.cfg.tensorboard:
+            self._tensorboard(trial, round_, self.rows[first_row:])
         n_drop = len(payload[0]["dropped"])
         self.progress(
-            f"trial {trial} round {round_ + 1}/{self._rounds()}: {K - n_drop}/{K} clients"
+            f"trial {trial} round {round_} (of 0..{self._rounds() - 1}): {K - n_drop}/{K} clients"
             f"{f' ({n_drop} dropped)' if n_drop else ''}, train {t_train:.1f}s, "
             f"aggregate {round_s - t_train:.1f}s"
         )
@@ -357,6 +407,21 @@ class Runner:
                     }
                 )
                 self.rows.append(row)
+
+    def _tensorboard(self, trial: int, round_: int, rows: list[dict[str, Any]]) -> None:
+        """The round's summary numbers per method as TensorBoard scalars (``trial<t>/<method>/<column>``)."""
+        if self._tb is None:
+            from tensorboardX import SummaryWriter  # comes with ray[tune]; loaded only when asked for
+
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        clients = results.table(rows, results.client_schema(self.columns)).to_pandas()
+        summary, _ = results.summarize(clients, self.extras, self.columns)
+        skip = {"trial", "method", "round", "agg_s", "round_s"}
+        for row in summary:
+            for col, value in row.items():
+                if col not in skip and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"trial{trial}/{row['method']}/{col}", float(value), round_)
+        self._tb.flush()
 
     def _next_ready(self, pending: dict[Any, Any], what: str) -> Any:
         """The first of ``pending``'s refs to finish; EngineError after ``engine.call_timeout_s``."""
@@ -450,9 +515,7 @@ class Runner:
                 "the actors could not run these; add the modules to plugins: [...] in the config:\n  "
                 + "\n  ".join(unlisted)
             )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.workload.prepare(self.progress)  # e.g. build a cached base model once, before any actor
+        self._check_output_dir()
         fp = fingerprint(cfg)
         trial0, round0, starts = 0, 0, None
         if cfg.resume:
@@ -466,7 +529,17 @@ class Runner:
                 trial0, round0 = ck.next_position()
                 starts = ck.starts if round0 > 0 else None
                 self.rows, self.extras = list(ck.client_rows), dict(ck.extras)
+                self._done, self._done_rows = (ck.trial, ck.round), len(self.rows)
+                if trial0 >= cfg.trials:
+                    self.progress(
+                        f"{self.out_dir} is finished already (all {cfg.trials} trial(s)): nothing to run"
+                    )
+                    return self.finish(write=not (self.out_dir / "summary.parquet").exists())
                 self.progress(f"resuming at trial {trial0} round {round0} from {self.out_dir}")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        (self.out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=1))
+        self.workload.prepare(self.progress)  # e.g. build a cached base model once, before any actor
         handler = logging.FileHandler(self.out_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("clair_ray").addHandler(handler)
@@ -486,10 +559,33 @@ class Runner:
                         self.pids = [i["pid"] for i in infos]
                 finally:
                     self.stop_actors()
+        except KeyboardInterrupt:
+            # The rows of the checkpointed rounds are the completed ones: a resume starts after them.
+            del self.rows[self._done_rows :]
+            self.finish()
+            raise RunInterrupted(self.out_dir, self._done) from None
         finally:
             logging.getLogger("clair_ray").removeHandler(handler)
             handler.close()
+            if self._tb is not None:
+                self._tb.close()
         return self.finish()
+
+    def _check_output_dir(self) -> None:
+        """Refuses a non-empty ``output_dir`` unless ``resume`` or ``overwrite`` (which empties it)."""
+        out = self.out_dir
+        if not out.exists() or not any(out.iterdir()) or self.cfg.resume:
+            return
+        if not self.cfg.overwrite:
+            raise EngineError(
+                f"output_dir={str(out)!r} is not empty: pass resume=true to continue the run there, "
+                "overwrite=true to replace it, or another output_dir"
+            )
+        for item in out.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
 
     def _checkpoint(self, fp: dict, trial: int, round_: int, rounds: int, starts_ref: Any) -> None:
         last = round_ + 1 >= rounds
@@ -507,20 +603,22 @@ class Runner:
                     extras=dict(self.extras),
                 ),
             )
+        self._done, self._done_rows = (trial, round_), len(self.rows)
         if self.cfg.engine.debug_stop_after_round == round_:
             raise SimulatedCrash(f"engine.debug_stop_after_round={round_}: stopping after the checkpoint")
 
-    def finish(self) -> RunResult:
+    def finish(self, write: bool = True) -> RunResult:
         clients_t = results.table(self.rows, results.client_schema(self.columns))
         clients = clients_t.to_pandas()
         summary_rows, detection_rows = results.summarize(clients, self.extras, self.columns)
         summary_t = results.table(summary_rows, results.summary_schema(self.columns))
         detection_t = results.table(detection_rows, results.DETECTION_SCHEMA)
-        results.write_tables(
-            self.out_dir, {"clients": clients_t, "summary": summary_t, "detection": detection_t}
-        )
+        if write:
+            results.write_tables(
+                self.out_dir, {"clients": clients_t, "summary": summary_t, "detection": detection_t}
+            )
         rounds = pd.DataFrame(self.timings)
-        if not rounds.empty:
+        if write and not rounds.empty:
             rounds.to_parquet(self.out_dir / "rounds.parquet", index=False)
         return RunResult(
             out_dir=self.out_dir,

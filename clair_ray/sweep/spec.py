@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clair_ray.config import ConfigError, ExperimentConfig, build_config, validate
+from clair_ray.config import ConfigError, ExperimentConfig, build_config, replace_mappings, validate
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 # Sweeping these would not change a result, or would break the trial layout.
@@ -54,8 +54,12 @@ class SweepConfig:
         max_failures: How often a failing trial is retried (it resumes from its engine checkpoint).
         max_concurrent_trials: Upper bound on trials at once (None: as many as the resources allow).
         resume: Restore an interrupted sweep of the same name and run only the trials that did not finish.
+        overwrite: Delete an existing sweep of the same name (its experiment and gathered directories)
+            first. Without ``resume`` or ``overwrite`` an existing sweep directory is refused.
         driver_cpus: CPUs reserved for each trial's driver (the function that runs the round loop).
         seed: Seed of Tune's random sampling (random search is reproducible).
+        tune_loggers: Keep Ray Tune's own per-trial loggers (CSV, JSON and TensorBoard files in each trial's
+            directory under ``storage_path/name``; ``tensorboard --logdir STORAGE_PATH/NAME``).
     """
 
     name: str = "sweep"
@@ -65,8 +69,10 @@ class SweepConfig:
     max_failures: int = 1
     max_concurrent_trials: int | None = None
     resume: bool = False
+    overwrite: bool = False
     driver_cpus: float = 0.25
     seed: int = 0
+    tune_loggers: bool = False
 
 
 @dataclass
@@ -151,6 +157,8 @@ def _check_params(sc: SweepConfig) -> list[str]:
                 errors.append(f"{where}.{kind}={values}: low must be > 0")
     if sc.num_samples < 1:
         errors.append(f"sweep.num_samples={sc.num_samples}: must be >= 1")
+    if sc.resume and sc.overwrite:
+        errors.append("sweep.overwrite=true: cannot be combined with sweep.resume=true")
     if sc.max_failures < 0:
         errors.append(f"sweep.max_failures={sc.max_failures}: must be >= 0")
     if sc.max_concurrent_trials is not None and sc.max_concurrent_trials < 1:
@@ -208,6 +216,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     param_over = [o for o in overrides or [] if o.startswith("sweep.params.")]
     sweep_over = [o for o in overrides or [] if o.startswith("sweep.") and o not in param_over]
     base_over = [o for o in overrides or [] if not o.startswith(("sweep.", "base="))]
+    if any(o.split("=", 1)[0].strip() == "output_dir" for o in base_over):
+        raise ConfigError(
+            "output_dir: a sweep writes every trial under sweep.storage_path/<sweep.name> (and gathers to "
+            "<sweep.name>-results there); set sweep.storage_path=DIR instead"
+        )
     new_base = [o.split("=", 1)[1] for o in overrides or [] if o.startswith("base=")]
     section = raw.pop("sweep", None)
     if section is None:
@@ -225,6 +238,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             parts.append(OmegaConf.load(bpath))
         parts.append(raw)
         if base_over:
+            replace_mappings(parts, base_over)
             parts.append(OmegaConf.from_dotlist(base_over))
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,9 +88,20 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], keys: list[str], ex
     tune.report(metrics)
 
 
-def _progress_callback(progress: Callable[[str], None], total: int) -> Any:
+def _complete_trials(exp_dir: Path) -> set[str]:
+    """Ids of the trials whose results are complete on disk (what a resumed sweep need not run again)."""
+    return {
+        tj.parent.name.removeprefix("trial_")
+        for tj in exp_dir.glob("*/trial.json")
+        if _complete(tj.parent / "run")
+    }
+
+
+def _progress_callback(progress: Callable[[str], None], total: int, exp_dir: Path) -> Any:
     """A Tune callback that prints one line per trial event (Tune's own banner is switched off).
 
+    The done count is of distinct trials complete on disk, so a resumed sweep counts on from the trials that
+    finished before (also those that finished while Tune was stopping) and reaches the total.
     Defined in a function so that importing this module does not import Ray Tune (2 s).
     """
     from ray import tune
@@ -97,7 +109,7 @@ def _progress_callback(progress: Callable[[str], None], total: int) -> Any:
     class Impl(tune.Callback):
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
-            self.done = 0
+            self.done: set[str] = _complete_trials(exp_dir)
             self.started: dict[str, float] = {}
 
         def _params(self, trial: Any) -> str:
@@ -108,7 +120,7 @@ def _progress_callback(progress: Callable[[str], None], total: int) -> Any:
             progress(f"[sweep {self._elapsed()}] start  {trial.trial_id} ({self._params(trial)})")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.done += 1
+            self.done.add(trial.trial_id)
             took = time.perf_counter() - self.started.get(trial.trial_id, self.t0)
             r = trial.last_result or {}
             errors = {k[6:]: v for k, v in r.items() if k.startswith("error_")}
@@ -118,7 +130,7 @@ def _progress_callback(progress: Callable[[str], None], total: int) -> Any:
             best = ", ".join(f"{m} {v:.3g}" for m, v in errors.items())
             progress(
                 f"[sweep {self._elapsed()}] done   {trial.trial_id} in {took:.0f}s "
-                f"({self.done}/{total}); honest {what}: {best}"
+                f"({len(self.done)}/{total}); honest {what}: {best}"
             )
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -178,19 +190,23 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
     for k, v in (
         ("RAY_CHDIR_TO_TRIAL_DIR", "0"),
         ("RAY_AIR_NEW_OUTPUT", "0"),
-        ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"),
         ("RAY_USAGE_STATS_ENABLED", "0"),
     ):
         os.environ.setdefault(k, v)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if sw.sweep.tune_loggers else "1"
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     say = progress or (lambda _m: None)
     sc = sw.sweep
     exp_dir = sw.experiment_dir
+    if exp_dir.exists() and sc.overwrite:
+        for d in (exp_dir, sw.results_dir):
+            shutil.rmtree(d, ignore_errors=True)
     if exp_dir.exists() and not sc.resume:
         raise SweepError(
-            f"{exp_dir} exists: set sweep.resume=true to continue that sweep, or choose another sweep.name"
+            f"{exp_dir} exists: set sweep.resume=true to continue that sweep, sweep.overwrite=true to "
+            "replace it, or choose another sweep.name"
         )
     keys = list(sc.params)
     base = to_dict(sw.base)
@@ -202,7 +218,7 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
     )
     with ray_session(sw.base):
         _check_cluster(sw)
-        callbacks = [_progress_callback(say, _n_trials(sc))]
+        callbacks = [_progress_callback(say, _n_trials(sc), exp_dir)]
         if sc.resume and tune.Tuner.can_restore(str(exp_dir)):
             say(f"resuming {exp_dir}: finished trials are kept, the others run")
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, restart_errored=True)

@@ -177,7 +177,7 @@ def test_cli_run_prints_progress_and_table(tmp_path: Path, capsys: pytest.Captur
     small = Path(__file__).resolve().parents[2] / "configs" / "linear_small.yaml"
     assert cli.main(["run", str(small), f"output_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "round 1/1: 12/12 clients" in out
+    assert "round 0 (of 0..0): 12/12 clients" in out
     header = [line for line in out.splitlines() if "clair" in line and "fedavg" in line][-1]
     assert header.split()[:2] == ["clair", "fedavg"]
     assert (tmp_path / "summary.parquet").exists()

@@ -128,6 +128,11 @@ def test_existing_experiment_needs_resume(tmp_path: Path) -> None:
     sw.experiment_dir.mkdir(parents=True)
     with pytest.raises(SweepError, match="sweep.resume=true"):
         run_sweep(sw)
+    with pytest.raises(ConfigError, match="sweep.overwrite=true: cannot be combined with sweep.resume=true"):
+        load_sweep(
+            write_sweep(tmp_path, "again", "    seed: {grid: [0, 1]}"),
+            ["sweep.resume=true", "sweep.overwrite=true"],
+        )
 
 
 # ---- with Ray --------------------------------------------------------------------------------------------
@@ -241,4 +246,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: P
     # Tune may not have recorded the first trial as finished (the signal stopped it before its report
     # was processed): restore then invokes it again and the trainable reuses its complete results.
     assert sum(" done " in line for line in lines) == 2, lines
+    # The count is of distinct trials complete on disk: the resumed sweep counts on from the first one.
+    assert [line for line in lines if " done " in line][-1].count("(2/2)") == 1, lines
     assert len(read_sweep(out)["summary"]) == 2 * 3

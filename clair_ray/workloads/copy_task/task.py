@@ -57,11 +57,13 @@ __all__ = [
     "CopyTaskConfig",
     "base_key",
     "base_metrics",
+    "base_path",
     "build_base",
     "client_data",
     "cluster_of",
     "corrupt_copy_targets",
     "default_targets",
+    "is_cached",
     "load_base",
     "make_model",
     "substitution_map",
@@ -423,6 +425,16 @@ def _train_base(cfg: CopyBaseConfig) -> torch.nn.Module:
     return model
 
 
+def base_path(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
+    """Where the base of ``cfg`` is cached (it exists once :func:`build_base` finished)."""
+    return Path(cache_dir) / f"copy-base-{cfg.arch}-{base_key(cfg)}"
+
+
+def is_cached(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> bool:
+    """Whether the base of ``cfg`` is in the cache already."""
+    return (base_path(cfg, cache_dir) / _MARKER).exists()
+
+
 def build_base(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
     """Trains the base W_0 on the identity copy, or finds it in the cache.
 
@@ -440,7 +452,7 @@ def build_base(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
     from clair_ray.workloads.lora import adapters as lora
 
     root = Path(cache_dir)
-    path = root / f"copy-base-{cfg.arch}-{base_key(cfg)}"
+    path = base_path(cfg, root)
     if (path / _MARKER).exists():
         return path
     root.mkdir(parents=True, exist_ok=True)
@@ -451,6 +463,9 @@ def build_base(cfg: CopyBaseConfig, cache_dir: str | os.PathLike) -> Path:
     metrics = lora.evaluate_lm(model, heldout)
     tmp = Path(tempfile.mkdtemp(prefix=".copy-base-", dir=root))
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in a run's output
         model.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"config": asdict(cfg), "identity_copy": metrics}, indent=1))
         try:

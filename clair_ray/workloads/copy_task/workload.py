@@ -57,6 +57,7 @@ class CopyTaskWorkload(LoRAWorkload):
         """Builds the base into the cache (driver, once, before the actors start); returns its path."""
         if self._base_path is not None:
             return self._base_path
+        cached = ct.is_cached(self.task.base, self.cache_dir())
         t0 = time.perf_counter()
         threads = torch.get_num_threads()
         # One thread: on a shared 2-core machine, torch's default pool oversubscribes the cores and a tiny
@@ -66,7 +67,7 @@ class CopyTaskWorkload(LoRAWorkload):
             path = ct.build_base(self.task.base, self.cache_dir())
         finally:
             torch.set_num_threads(threads)
-        if progress is not None and time.perf_counter() - t0 > 1.0:
+        if progress is not None and not cached:
             progress(f"built the copy-task base in {time.perf_counter() - t0:.1f}s: {path}")
         self._base_path = path
         return path

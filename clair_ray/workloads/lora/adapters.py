@@ -191,8 +191,9 @@ def load_factors(model: PeftModel, factors: Mapping[str, tuple[Any, Any]]) -> No
             raise ValueError(f"factors: unknown LoRA module {name!r}; known: {sorted(layers)}")
         layer = layers[name]
         wb, wa = layer.lora_B[_ADAPTER].weight, layer.lora_A[_ADAPTER].weight  # (out, r), (r, in)
-        bt = torch.as_tensor(np.asarray(b), dtype=torch.float64)
-        at = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+        # Copies: arrays from the object store are read-only views, which torch warns about.
+        bt = torch.as_tensor(np.array(b), dtype=torch.float64)
+        at = torch.as_tensor(np.array(a), dtype=torch.float64)
         r_in = bt.shape[1] if bt.ndim == 2 else -1
         if bt.ndim != 2 or at.ndim != 2 or bt.shape[0] != wb.shape[0] or at.shape != (r_in, wa.shape[1]):
             raise ValueError(
@@ -252,7 +253,7 @@ def fold_corrections(
         if name not in layers:
             raise ValueError(f"corrections: unknown LoRA module {name!r}; known: {sorted(layers)}")
         w = linear_weight(layers[name])  # (out, in) view, also for Conv1D
-        c = torch.as_tensor(np.asarray(corr))
+        c = torch.as_tensor(np.array(corr))
         if tuple(c.shape) != tuple(w.shape):
             raise ValueError(f"corrections[{name!r}]: shape {tuple(c.shape)} != weight {tuple(w.shape)}")
         with torch.no_grad():

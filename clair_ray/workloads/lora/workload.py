@@ -446,7 +446,9 @@ class LoRAWorkload(Workload):
                 w = lora.linear_weight(layer.base)  # (out, in) view
                 w.copy_(originals[n])
                 if n in corr:
-                    w.add_(torch.as_tensor(corr[n], dtype=w.dtype))
+                    w.add_(
+                        torch.as_tensor(np.array(corr[n]), dtype=w.dtype)
+                    )  # a copy: plan arrays are read-only
             for c0 in range(0, len(clients), EVAL_GROUP):
                 chunk = clients[c0 : c0 + EVAL_GROUP]
                 states = []
