@@ -178,3 +178,28 @@ def test_ctrl_c_writes_completed_rounds_and_says_how_to_resume(tmp_path: Path) -
         load_config(SMALL, [*over[:-1], f"output_dir={tmp_path / 'whole'}", "ray.num_cpus=2"])
     )
     pd.testing.assert_frame_equal(_stable(resumed.clients), _stable(whole.clients), check_exact=True)
+
+
+@pytest.mark.slow
+def test_console_is_clean_on_a_lora_run(tmp_path: Path) -> None:
+    """`clair-ray run` of a LoRA config prints no warning spam: no "NumPy array is not writable" from the
+    actors, no "Writing model shards" bar; "built the copy-task base" only when it was built."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", CLAIR_CACHE=str(tmp_path / "cache"))
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.pop("RAY_ADDRESS", None)
+    small = REPO / "configs" / "copy_task_small.yaml"
+    outs = []
+    for run in ("cold", "warm"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "clair_ray.cli", "run", str(small), f"output_dir={tmp_path / run}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(proc.stdout + proc.stderr)
+    for text in outs:
+        assert "not writable" not in text and "Writing model shards" not in text, text[-3000:]
+        assert "Warning" not in text, text[-3000:]
+    assert "built the copy-task base" in outs[0] and "built the copy-task base" not in outs[1]

@@ -125,7 +125,7 @@ def _progress_callback(progress: Callable[[str], None], total: int, exp_dir: Pat
             r = trial.last_result or {}
             errors = {k[6:]: v for k, v in r.items() if k.startswith("error_")}
             what = "error"
-            if errors and all(math.isnan(v) for v in errors.values()):
+            if all(math.isnan(v) for v in errors.values()):  # LM workloads: no parameter error, a loss
                 errors, what = {k[5:]: v for k, v in r.items() if k.startswith("loss_")}, "test loss"
             best = ", ".join(f"{m} {v:.3g}" for m, v in errors.items())
             progress(
