@@ -1,12 +1,17 @@
-"""Result tables: the Arrow schemas (defined here and nowhere else), summaries, files, and the text table.
+"""Result tables: the Arrow schemas (built here and nowhere else), summaries, files, loading, the text table.
 
 A run writes into its ``output_dir``:
 
-- ``config.yaml``: the resolved config;
-- ``clients.parquet``: one row per trial × method × round × client (:data:`CLIENT_SCHEMA`);
-- ``summary.parquet``: one row per trial × method × round (:data:`SUMMARY_SCHEMA`);
+- ``config.yaml``: the resolved config; ``versions.json``: the package versions;
+- ``clients.parquet``: one row per trial × method × round × client (:func:`client_schema`: the core
+  columns of :data:`CLIENT_SCHEMA` plus the workload's client-level columns);
+- ``summary.parquet``: one row per trial × method × round (:func:`summary_schema`: :data:`SUMMARY_SCHEMA`
+  plus ``honest_mean_<column>`` and the workload's method-level columns);
 - ``detection.parquet``: detection per attack kind, one row per trial × method × round × attack kind
-  (:data:`DETECTION_SCHEMA`).
+  (:data:`DETECTION_SCHEMA`);
+- ``rounds.parquet``: per round, the wall time and its split.
+
+:func:`load` reads a run directory or a gathered sweep (:func:`read_sweep`) as pandas DataFrames.
 
 Detection truth is "contaminated and with update energy outside U above its noise level"
 (``detectable``): in-subspace attacks (sign flip, scaling, IPM) usually fall outside it, because no
