@@ -20,6 +20,7 @@ subspace method can see them; they are judged by the honest clients' error, and 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -342,4 +343,78 @@ def load(path: str | Path) -> dict[str, pd.DataFrame]:
     out = read_tables(root)
     if (root / "rounds.parquet").exists():
         out["rounds"] = pq.read_table(root / "rounds.parquet").to_pandas()
+    return out
+
+
+def column_value(value: Any, dtype: pa.DataType) -> Any:
+    """A swept parameter's value as stored in a column of ``dtype`` (lists and mappings as JSON)."""
+    if dtype == pa.string() and not isinstance(value, str):
+        return json.dumps(value, sort_keys=True)
+    if dtype == pa.float64():
+        return float(value)
+    return value
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """Whether a run directory holds all result tables (the engine writes them last, each atomically)."""
+    return all((Path(run_dir) / f"{n}.parquet").exists() for n in TABLES)
+
+
+def gather(experiment_dir: Path, out: Path, dtypes: dict[str, pa.DataType], sweep_yaml: str) -> Path:
+    """Writes a sweep's gathered dataset from its trial directories (re-gathering is idempotent).
+
+    Each ``<experiment_dir>/trial_<id>/`` holds ``trial.json`` (id and parameters), ``attempts.log`` and
+    ``run/`` (the engine's run directory). The dataset: one hive-partitioned Parquet dataset per table
+    (partition ``sweep_trial``), the run's columns plus one column per swept key; ``trials.parquet``; and
+    ``sweep.yaml``.
+
+    Args:
+        experiment_dir: Tune's experiment directory.
+        out: The results directory (``<name>-results``).
+        dtypes: Swept key -> its column type.
+        sweep_yaml: The resolved sweep (``sweep`` and ``base`` sections), written as ``sweep.yaml``.
+
+    Returns:
+        ``out``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for tj in sorted(experiment_dir.glob("*/trial.json")):
+        info = json.loads(tj.read_text())
+        trial_id, params = info["trial_id"], info["params"]
+        run_dir = tj.parent / "run"
+        attempts_log = tj.parent / "attempts.log"
+        attempts = len(attempts_log.read_text().splitlines()) if attempts_log.exists() else 0
+        complete = is_complete(run_dir)
+        rows.append(
+            {
+                PARTITION: trial_id,
+                "status": "complete" if complete else "incomplete",
+                "attempts": attempts,
+                "trial_dir": str(tj.parent),
+                **{k: column_value(params[k], dtypes[k]) for k in dtypes},
+            }
+        )
+        if not complete:
+            continue
+        for name in TABLES:
+            t = pq.read_table(run_dir / f"{name}.parquet")
+            for k, dt in dtypes.items():
+                t = t.append_column(pa.field(k, dt), pa.array([column_value(params[k], dt)] * len(t), dt))
+            part = out / name / f"{PARTITION}={trial_id}"
+            part.mkdir(parents=True, exist_ok=True)
+            tmp = part / ".part-0.parquet.tmp"
+            pq.write_table(t, tmp)
+            tmp.replace(part / "part-0.parquet")
+    schema = pa.schema(
+        [
+            (PARTITION, pa.string()),
+            ("status", pa.string()),
+            ("attempts", pa.int64()),
+            ("trial_dir", pa.string()),
+        ]
+        + [(k, dt) for k, dt in dtypes.items()]
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "trials.parquet")
+    (out / "sweep.yaml").write_text(sweep_yaml)
     return out

@@ -4,7 +4,6 @@ starts (see :mod:`clair_ray.sweep` for the file format)."""
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,11 +282,3 @@ def _column_type(spec: ParamSpec) -> pa.DataType:
     if all(isinstance(v, str) for v in values):
         return pa.string()
     return pa.string()  # lists and mappings, as JSON
-
-
-def _column_value(value: Any, dtype: pa.DataType) -> Any:
-    if dtype == pa.string() and not isinstance(value, str):
-        return json.dumps(value, sort_keys=True)
-    if dtype == pa.float64():
-        return float(value)
-    return value

@@ -11,20 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from clair_ray import results
 from clair_ray.config import ExperimentConfig, from_dict, to_dict, to_yaml
 from clair_ray.engine import run_experiment
 from clair_ray.engine.session import ray_session
-from clair_ray.results import PARTITION, TABLES
 from clair_ray.sweep.spec import (
     Sweep,
     SweepConfig,
     SweepError,
     _column_type,
-    _column_value,
     candidate_points,
     trial_config,
 )
@@ -41,11 +39,6 @@ def bundles(cfg: ExperimentConfig, driver_cpus: float) -> list[dict[str, float]]
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
-
-
-def _complete(run_dir: Path) -> bool:
-    """Whether a run directory holds all result tables (the engine writes them last, each atomically)."""
-    return all((run_dir / f"{n}.parquet").exists() for n in TABLES)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -70,7 +63,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], keys: list[str], ex
     cfg.output_dir = str(trial_dir / "run")
     cfg.resume = True  # a retried attempt continues after the engine's last checkpoint of the failed one
     run_dir = Path(cfg.output_dir)
-    if _complete(run_dir) and (run_dir / "config.yaml").read_text() == to_yaml(cfg):
+    if results.is_complete(run_dir) and (run_dir / "config.yaml").read_text() == to_yaml(cfg):
         # Finished before an interruption that Tune's saved state does not know about yet: reuse.
         summary = pq.read_table(run_dir / "summary.parquet").to_pandas()
     else:
@@ -93,7 +86,7 @@ def _complete_trials(exp_dir: Path) -> set[str]:
     return {
         tj.parent.name.removeprefix("trial_")
         for tj in exp_dir.glob("*/trial.json")
-        if _complete(tj.parent / "run")
+        if results.is_complete(tj.parent / "run")
     }
 
 
@@ -280,54 +273,12 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
 
 
 def gather(sw: Sweep) -> Path:
-    """Writes the gathered dataset from the trial directories (re-gathering is idempotent).
+    """Writes the sweep's gathered dataset from its trial directories (:func:`clair_ray.results.gather`).
 
     Returns:
         The results directory.
     """
-    out = sw.results_dir
-    out.mkdir(parents=True, exist_ok=True)
     dtypes = {k: _column_type(s) for k, s in sw.sweep.params.items()}
-    rows = []
-    for tj in sorted(sw.experiment_dir.glob("*/trial.json")):
-        info = json.loads(tj.read_text())
-        trial_id, params = info["trial_id"], info["params"]
-        run_dir = tj.parent / "run"
-        attempts_log = tj.parent / "attempts.log"
-        attempts = len(attempts_log.read_text().splitlines()) if attempts_log.exists() else 0
-        complete = _complete(run_dir)
-        rows.append(
-            {
-                PARTITION: trial_id,
-                "status": "complete" if complete else "incomplete",
-                "attempts": attempts,
-                "trial_dir": str(tj.parent),
-                **{k: _column_value(params[k], dtypes[k]) for k in dtypes},
-            }
-        )
-        if not complete:
-            continue
-        for name in TABLES:
-            t = pq.read_table(run_dir / f"{name}.parquet")
-            for k, dt in dtypes.items():
-                t = t.append_column(pa.field(k, dt), pa.array([_column_value(params[k], dt)] * len(t), dt))
-            part = out / name / f"{PARTITION}={trial_id}"
-            part.mkdir(parents=True, exist_ok=True)
-            tmp = part / ".part-0.parquet.tmp"
-            pq.write_table(t, tmp)
-            tmp.replace(part / "part-0.parquet")
-    schema = pa.schema(
-        [
-            (PARTITION, pa.string()),
-            ("status", pa.string()),
-            ("attempts", pa.int64()),
-            ("trial_dir", pa.string()),
-        ]
-        + [(k, dt) for k, dt in dtypes.items()]
-    )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "trials.parquet")
-    doc = OmegaConf.create(
-        {"sweep": OmegaConf.structured(sw.sweep), "base": OmegaConf.create(to_yaml(sw.base))}
-    )
-    (out / "sweep.yaml").write_text(OmegaConf.to_yaml(doc))
-    return out
+    base = OmegaConf.create(to_yaml(sw.base))
+    doc = OmegaConf.create({"sweep": OmegaConf.structured(sw.sweep), "base": base})
+    return results.gather(sw.experiment_dir, sw.results_dir, dtypes, OmegaConf.to_yaml(doc))

@@ -115,7 +115,8 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path: Path, params: str, extra
 
 
 def test_lists_can_be_swept_and_are_stored_as_json(tmp_path: Path) -> None:
-    from clair_ray.sweep.spec import _column_type, _column_value
+    from clair_ray.results import column_value as _column_value
+    from clair_ray.sweep.spec import _column_type
 
     sw = load_sweep(write_sweep(tmp_path, "m", "    aggregation.methods: {grid: [[clair, fedavg], [local]]}"))
     spec = sw.sweep.params["aggregation.methods"]
