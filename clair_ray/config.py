@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -91,7 +92,18 @@ class RayConfig:
         check_fields(
             "ray",
             [
-                (self.num_cpus is None or self.num_cpus > 0, "num_cpus", self.num_cpus, "must be > 0"),
+                (
+                    self.num_cpus is None or (_finite(self.num_cpus) and self.num_cpus > 0),
+                    "num_cpus",
+                    self.num_cpus,
+                    "must be finite and > 0",
+                ),
+                (
+                    self.num_gpus is None or (_finite(self.num_gpus) and self.num_gpus >= 0),
+                    "num_gpus",
+                    self.num_gpus,
+                    "must be finite and >= 0",
+                ),
                 (
                     self.object_store_mb is None or self.object_store_mb >= 75,
                     "object_store_mb",
@@ -144,7 +156,12 @@ class EngineConfig:
             "engine",
             [
                 (self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1"),
-                (self.actor_num_cpus > 0, "actor_num_cpus", self.actor_num_cpus, "must be > 0"),
+                (
+                    _finite(self.actor_num_cpus) and self.actor_num_cpus > 0,
+                    "actor_num_cpus",
+                    self.actor_num_cpus,
+                    "must be finite and > 0",
+                ),
                 (self.actor_num_gpus >= 0, "actor_num_gpus", self.actor_num_gpus, "must be >= 0"),
                 (
                     self.aggregator_num_cpus > 0,
@@ -154,7 +171,12 @@ class EngineConfig:
                 ),
                 (self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1"),
                 (self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0"),
-                (self.call_timeout_s > 0, "call_timeout_s", self.call_timeout_s, "must be > 0"),
+                (
+                    _finite(self.call_timeout_s) and self.call_timeout_s > 0,
+                    "call_timeout_s",
+                    self.call_timeout_s,
+                    "must be finite and > 0",
+                ),
                 (self.min_clients >= 0, "min_clients", self.min_clients, "must be >= 0"),
                 (self.debug_delay_s >= 0, "debug_delay_s", self.debug_delay_s, "must be >= 0"),
             ],
@@ -438,9 +460,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     parts: list[DictConfig] = []
     try:
         if path is not None:
-            loaded = OmegaConf.load(path)
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as exc:  # one line: where and what, not a parser traceback
+                mark = getattr(exc, "problem_mark", None)
+                where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+                raise ConfigError(
+                    f"{path}: YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"
+                ) from exc
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{path}: the top level must be a mapping")
+            if not len(loaded):
+                raise ConfigError(f"{path}: the file is empty (an experiment config needs at least its keys)")
             parts.append(loaded)
         for item in overrides or []:
             if "=" not in item:

@@ -17,7 +17,8 @@ from clair_ray.config import (
 )
 
 ALL_YAML = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-# sweep_*.yaml are experiment configs plus a sweep: section (clair_ray/sweep.py)
+# sweep_*.yaml are experiment configs plus a sweep: section (clair_ray/sweep/)
+LINEAR_SMALL = Path(__file__).resolve().parents[1] / "configs" / "linear_small.yaml"
 CONFIGS = [p for p in ALL_YAML if not p.name.startswith("sweep_")]
 SWEEPS = [p for p in ALL_YAML if p.name.startswith("sweep_")]
 
@@ -129,3 +130,38 @@ def test_fingerprint_ignores_layout_but_not_results() -> None:
     c = load_config(None, ["seed=1"])
     assert fingerprint(a) == fingerprint(b)
     assert fingerprint(a) != fingerprint(c)
+
+
+def test_a_broken_or_empty_file_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workload: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: YAML syntax error at line 2, column \d+"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the file is empty"):
+        load_config(empty)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("engine.call_timeout_s=inf", r"engine\.call_timeout_s=inf: must be finite"),
+        ("ray.num_cpus=inf", r"ray\.num_cpus=inf: must be finite"),
+        ("contamination.mix.alie=inf", r"contamination\.mix\.alie=inf: must be finite"),
+        # Parameters are checked at load against each attack's and method's own parameters, not after
+        # all training in the aggregator.
+        (
+            "contamination.params.alie={zz: 1}",
+            r"contamination\.params\.alie=.*unknown parameter\(s\) \['zz'\]",
+        ),
+        ("aggregation.params.clair={sovler: fast}", r"aggregation\.params\.clair=.*unknown clair parameter"),
+        (
+            "aggregation.params.geometric_median={max_iters: 3}",
+            r"aggregation\.params\.geometric_median=.*max_iters",
+        ),
+    ],
+)
+def test_non_finite_values_and_unknown_parameters_fail_at_load(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(LINEAR_SMALL, [override])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 from clair_ray.aggregators._common import check_updates
 from clair_ray.aggregators.base import AggContext, AggOutput, register_aggregator
+from clair_ray.clair.api import clair
 
 __all__ = ["Clair"]
 
@@ -34,11 +36,20 @@ class Clair:
         reserved = sorted({"rank", "offset", "seed", "noise_scale"} & set(params))
         if reserved:
             raise ValueError(f"clair parameters {reserved} come from AggContext, not from params")
+        known = set(inspect.signature(clair).parameters) - {
+            "updates",
+            "rank",
+            "offset",
+            "seed",
+            "noise_scale",
+        }
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown clair parameter(s) {unknown}; allowed: {sorted(known)}")
         self.params = dict(params)
 
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
         """Runs CLAIR on the finite updates and maps the result back to all K clients."""
-        import clair_ray  # late: the package's __init__ imports the CLAIR core, which must not import us
 
         check_updates(updates)
         params = {**self.params, **(ctx.params or {})}
@@ -48,7 +59,7 @@ class Clair:
 
         # clair() itself flags non-finite clients ("non-finite") and keeps them out of every SVD, and
         # returns the input unchanged for every flagged client.
-        res = clair_ray.clair(
+        res = clair(
             list(updates.unbind(0)),
             rank=ctx.rank,
             offset=ctx.offset,

@@ -83,5 +83,6 @@ def corrupt_targets(kind: str, Y: torch.Tensor, generator: torch.Generator, **pa
     return Y + offset
 
 
+_PARAMS = {"random": {"num_classes": None}, "shuffle": {}, "shifted": {"offset": None, "num_classes": None}}
 for _kind in TARGET_CORRUPTIONS:
-    register_attack(f"data_{_kind}")(corrupt_targets)
+    register_attack(f"data_{_kind}", defaults=_PARAMS[_kind])(corrupt_targets)

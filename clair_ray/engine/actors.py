@@ -108,6 +108,8 @@ class ClientWorker:
                 nonfinite = [pos[k] for k in eng.debug_nonfinite_clients if k in pos]
                 if nonfinite:
                     payload = self.workload.corrupt_updates(payload, nonfinite)
+                    for i in nonfinite:
+                        out.info[i]["finite"] = False
                 for m in meta:
                     i = pos.get(m["client_id"])
                     if i is None:

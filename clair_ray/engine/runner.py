@@ -303,6 +303,18 @@ class Runner:
                     f"trial {trial} round {round_}: only {reported} of {K} clients reported "
                     f"(engine.min_clients={self.cfg.engine.min_clients}); dropped: {dropped}"
                 )
+            finite = sum(1 for m in by_client.values() if m["ok"] and m.get("finite", True))
+            if finite == 0:
+                raise EngineError(
+                    f"trial {trial} round {round_}: all {reported} reported updates are non-finite (NaN or "
+                    "inf: diverged local training? check the learning rate and the model)"
+                )
+            if finite < need:
+                raise EngineError(
+                    f"trial {trial} round {round_}: only {finite} of {K} clients sent a finite update "
+                    f"(engine.min_clients={self.cfg.engine.min_clients}; {reported - finite} non-finite, "
+                    f"{len(dropped)} dropped)"
+                )
             batches = []
             for _, metas, ref in trained[g]:
                 ids = [m["client_id"] for m in metas if m["trained"]]

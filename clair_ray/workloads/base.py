@@ -142,7 +142,8 @@ class TrainOutput:
         payload: The batch's updates in the workload's own format (numpy inside, so the object store
             shares it zero-copy); handed untouched to :meth:`Workload.aggregate_round`.
         info: Per job, in job order: numbers the workload's round reads (``n_samples`` and ``bytes_sent``
-            are required: they are core result columns).
+            are required: they are core result columns; ``finite``, whether the update is finite, lets
+            the engine count usable updates against ``engine.min_clients`` before aggregating).
         failed: Job position -> traceback text of a client that raised (it becomes a dropout).
     """
 
@@ -272,7 +273,27 @@ class Workload(abc.ABC):
             for m in cfg.aggregation.params
         ]
         check_fields("aggregation", checks)
+        checks = []
+        for m, params in cfg.aggregation.params.items():
+            if m in AGGREGATORS and m in known:
+                try:  # the constructor validates the parameter names (and values), before any training
+                    AGGREGATORS[m](**params)
+                except (TypeError, ValueError) as exc:
+                    checks.append((False, f"params.{m}", dict(params), str(exc).splitlines()[0]))
+        check_fields("aggregation", checks)
         ok_kinds = (*attacks.update_kinds(), *cls.data_attacks)
+        bad_params = []
+        for kind, params in cfg.contamination.params.items():
+            spec = attacks.ATTACKS.get(kind)
+            extra = sorted(set(params) - set(spec.defaults)) if spec is not None else []
+            bad_params.append(
+                (
+                    not extra,
+                    f"params.{kind}",
+                    dict(params),
+                    f"unknown parameter(s) {extra}; allowed: {sorted(spec.defaults) if spec else []}",
+                )
+            )
         check_fields(
             "contamination",
             [
@@ -287,7 +308,8 @@ class Workload(abc.ABC):
             + [
                 (k in ok_kinds, f"params.{k}", v, "unknown attack")
                 for k, v in cfg.contamination.params.items()
-            ],
+            ]
+            + bad_params,
         )
 
     # ---- driver ---------------------------------------------------------------------------------------

@@ -311,7 +311,7 @@ class LinearWorkload(Workload):
             try:
                 upd, extra = self.train(trial, k, None if start is None else np.array(start[k]))
                 updates[i] = upd
-                row.update(extra, bytes_sent=int(updates[i].nbytes))
+                row.update(extra, bytes_sent=int(updates[i].nbytes), finite=bool(np.isfinite(upd).all()))
             except Exception:  # a client's failure is data (a dropout), not the batch's failure
                 failed[i] = traceback.format_exc()
             info.append(row)

@@ -131,6 +131,19 @@ def test_non_finite_update_is_flagged_and_excluded(tmp_path: Path) -> None:
     assert np.isfinite(others["error"]).all()
 
 
+def test_non_finite_updates_do_not_count_towards_min_clients(tmp_path: Path) -> None:
+    # 12 clients, 9 send NaN: 12 "reported" but only 3 usable updates, below engine.min_clients=6.
+    with pytest.raises(EngineError, match=r"only 3 of 12 clients sent a finite update .*9 non-finite"):
+        run_experiment(
+            _small(
+                tmp_path / "a", "engine.min_clients=6", "engine.debug_nonfinite_clients=[0,1,2,3,4,5,6,7,8]"
+            )
+        )
+    every = ",".join(str(k) for k in range(12))
+    with pytest.raises(EngineError, match=r"all 12 reported updates are non-finite"):
+        run_experiment(_small(tmp_path / "b", f"engine.debug_nonfinite_clients=[{every}]"))
+
+
 def test_resume_after_a_crash_gives_the_same_results(tmp_path: Path) -> None:
     multi = [
         "workload.mode=multi_round",

@@ -371,6 +371,7 @@ class LoRAWorkload(Workload):
         for i, f in enumerate(final):
             if f is not None and i not in failed:
                 info[i]["bytes_sent"] = sum(b.nbytes + a.nbytes for b, a in f.values())
+                info[i]["finite"] = all(np.isfinite(b).all() and np.isfinite(a).all() for b, a in f.values())
         return TrainOutput(payload=payload, info=info, failed=failed)
 
     def corrupt_updates(self, payload: dict[str, Any], positions: list[int]) -> dict[str, Any]:
