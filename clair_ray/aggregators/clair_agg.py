@@ -13,6 +13,15 @@ from clair_ray.clair.api import clair
 
 __all__ = ["Clair"]
 
+#: The keyword parameters ``aggregation.params.clair`` may set (the rest come from the context).
+_CLAIR_PARAMS = frozenset(inspect.signature(clair).parameters) - {
+    "updates",
+    "rank",
+    "offset",
+    "seed",
+    "noise_scale",
+}
+
 
 @register_aggregator("clair", personalized=True)
 class Clair:
@@ -36,13 +45,7 @@ class Clair:
         reserved = sorted({"rank", "offset", "seed", "noise_scale"} & set(params))
         if reserved:
             raise ValueError(f"clair parameters {reserved} come from AggContext, not from params")
-        known = set(inspect.signature(clair).parameters) - {
-            "updates",
-            "rank",
-            "offset",
-            "seed",
-            "noise_scale",
-        }
+        known = _CLAIR_PARAMS
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown clair parameter(s) {unknown}; allowed: {sorted(known)}")

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import clair_ray
-from clair_ray.aggregators import AggContext, available_aggregators, get_aggregator
+from clair_ray.aggregators import AggContext, available_aggregators, clair_agg, get_aggregator
 from clair_ray.aggregators.baselines import coordinate_median, geometric_median, krum_scores
 
 GLOBAL_METHODS = ("fedavg", "median", "trimmed_mean", "multi_krum", "geometric_median")
@@ -277,7 +276,7 @@ def test_clair_wrapper_forwards_context(monkeypatch: pytest.MonkeyPatch) -> None
             refined=refined,
         )
 
-    monkeypatch.setattr(clair_ray, "clair", fake_clair, raising=False)
+    monkeypatch.setattr(clair_agg, "clair", fake_clair)
     m = torch.randn(5, 4, 3, generator=_gen(), dtype=torch.float32)
     ctx = AggContext(rank=2, n_attackers=3, seed=7, noise_scale=torch.arange(1.0, 6.0), params={"mad_k": 4.0})
     out = get_aggregator("clair", solver="admm").aggregate(m, ctx)
