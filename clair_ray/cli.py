@@ -38,7 +38,10 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"\nclair-ray run: {exc}; continue with: {again} resume=true", file=sys.stderr)
         return 130
-    except (EngineError, ConfigError, FileNotFoundError) as exc:  # incl. a workload refusing its data
+    except (ConfigError, FileNotFoundError) as exc:  # bad input found when the workload read its data
+        print(f"clair-ray run: {exc}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
         print(f"clair-ray run: {exc}", file=sys.stderr)
         return 1
     print(

@@ -203,3 +203,16 @@ def test_console_is_clean_on_a_lora_run(tmp_path: Path) -> None:
         assert "not writable" not in text and "Writing model shards" not in text, text[-3000:]
         assert "Warning" not in text, text[-3000:]
     assert "built the copy-task base" in outs[0] and "built the copy-task base" not in outs[1]
+
+
+def test_bad_input_found_while_reading_data_is_exit_2_and_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workload reads its data on the driver before any actor starts: a bad file is bad input."""
+    hf_small = REPO / "configs" / "hf_causal_lm_small.yaml"
+    rc = cli.main(
+        ["run", str(hf_small), f"output_dir={tmp_path / 'run'}", f"workload.data_path={tmp_path}/nope.jsonl"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.jsonl" in err and "no such file" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -30,6 +30,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from clair_ray import results, seeds
 from clair_ray.config import (
+    ConfigError,
     ExperimentConfig,
     fingerprint,
     plugin_paths,
@@ -551,7 +552,12 @@ class Runner:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         (self.out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=1))
-        self.workload.prepare(self.progress)  # e.g. build a cached base model once, before any actor
+        try:  # e.g. build a cached base model, read the data: before any actor starts
+            self.workload.prepare(self.progress)
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as exc:  # bad input (a data file, a model path): one line
+            raise ConfigError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
         handler = logging.FileHandler(self.out_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("clair_ray").addHandler(handler)

@@ -136,12 +136,34 @@ class HFCausalLMConfig(LoRAWorkloadConfig):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_model_path(name_or_path: str | os.PathLike) -> None:
+    """A local-looking ``name_or_path`` (absolute, ``./``, ``../``, ``~``, or more than one ``/``) must be
+    a directory with a ``config.json``; otherwise transformers would take it for a hub id and try the
+    network (minutes without one).
+
+    Raises:
+        ValueError: Naming ``workload.name_or_path`` and what is missing.
+    """
+    s = str(name_or_path)
+    local = s.startswith(("/", "./", "../", "~")) or s.count("/") > 1 or Path(s).exists()
+    if not local:
+        return
+    path = Path(s).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"workload.name_or_path={s!r}: no such directory (a local model written by save_pretrained)"
+        )
+    if not (path / "config.json").exists():
+        raise ValueError(f"workload.name_or_path={s!r}: no config.json in that directory (not a saved model)")
+
+
 def load_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` (eval mode, loss type named so transformers stays quiet)."""
     from transformers import AutoModelForCausalLM
 
     from clair_ray.workloads.lora import adapters as lora
 
+    check_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path))
     model.eval()
     return lora.quiet_model(model)
@@ -155,6 +177,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     """
     from transformers import AutoTokenizer
 
+    check_model_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(str(name_or_path))
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -205,13 +228,30 @@ def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
                 for i, line in enumerate(fh):
                     if not line.strip():
                         continue
-                    rec = json.loads(line)
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:  # json's own "line 1" is of the one record
+                        raise ValueError(
+                            f"{f}:{i + 1}: not valid JSON ({exc.msg} at column {exc.colno})"
+                        ) from exc
+                    if not isinstance(rec, dict):
+                        raise ValueError(
+                            f"{f}:{i + 1}: expected a JSON object per line, got {type(rec).__name__}"
+                        )
                     for col in rows:
                         if col not in rec:
                             raise ValueError(f"{f}:{i + 1}: no field {col!r}")
                         rows[col].append(rec[col])
-    texts = [str(t) for t in rows[cfg.text_column]]
-    return texts, (rows[cfg.label_column] if cfg.label_column else None)
+    texts = rows[cfg.text_column]
+    if not texts:
+        raise ValueError(f"workload.data_path={cfg.data_path!r}: no rows (empty data)")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:  # str(None) would silently train on the text "None"
+        raise ValueError(
+            f"workload.data_path={cfg.data_path!r}: {len(bad)} row(s) with a {cfg.text_column!r} that is not "
+            f"text (row {bad[0] + 1}: {texts[bad[0]]!r})"
+        )
+    return list(texts), (rows[cfg.label_column] if cfg.label_column else None)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -145,3 +145,27 @@ def test_partitioners_cover_each_sample_once() -> None:
         hf.partition(section(partition="dirichlet", label_column="label"), n, 5, seed=0)
     with pytest.raises(ValueError, match="min_size"):
         hf.partition_quantity(4, 5, alpha=1.0, seed=0)
+
+
+def test_bad_data_files_are_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        hf.load_texts(section(data_path=str(bad)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"workload\.data_path=.*empty\.jsonl.*no rows"):
+        hf.load_texts(section(data_path=str(empty)))
+    null = tmp_path / "null.jsonl"
+    null.write_text('{"text": "a"}\n{"text": null}\n')
+    with pytest.raises(ValueError, match=r"1 row\(s\) with a 'text' that is not text \(row 2: None\)"):
+        hf.load_texts(section(data_path=str(null)))
+
+
+def test_a_missing_local_model_is_not_taken_for_a_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"workload\.name_or_path=.*no such directory"):
+        hf.check_model_path(str(tmp_path / "models" / "gpt2-tiny"))
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        hf.check_model_path(str(tmp_path / "m"))
+    hf.check_model_path("gpt2")  # a hub id: left to transformers
