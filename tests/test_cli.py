@@ -216,3 +216,29 @@ def test_bad_input_found_while_reading_data_is_exit_2_and_one_line(
     err = capsys.readouterr().err
     assert rc == 2 and "nope.jsonl" in err and "no such file" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_unreachable_cluster_address_is_one_line_and_quick(tmp_path: Path) -> None:
+    """`ray.address=HOST:PORT` with nothing there fails within seconds (Ray itself retries for minutes)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clair_ray.cli",
+            "run",
+            str(SMALL),
+            "ray.address=127.0.0.1:1",
+            f"output_dir={tmp_path}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and time.time() - t0 < 60
+    assert "ray.address='127.0.0.1:1': no Ray cluster answered there" in proc.stderr
+    assert "jobs/head.py start" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 import ray
@@ -25,8 +26,16 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        # Connecting: Ray forbids local resource arguments (num_cpus, ...) when it attaches to a cluster.
-        ray.init(address=cfg.ray.address, logging_level="ERROR")
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+        _check_reachable(address)
+        try:
+            # Connecting: Ray forbids local resource arguments (num_cpus, ...) when it attaches to a cluster.
+            ray.init(address=cfg.ray.address, logging_level="ERROR")
+        except (ConnectionError, RuntimeError) as exc:
+            raise EngineError(
+                f"ray.address={address!r}: no Ray cluster answered ({str(exc).strip().splitlines()[0]}); "
+                f"{_HOW_TO_START}"
+            ) from exc
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # address="local": without it ray.init() joins whatever `ray start` cluster
@@ -43,6 +52,27 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+_HOW_TO_START = (
+    "start one (`ray start --head`, or `python jobs/head.py start` for a private one) or leave ray.address "
+    "unset to run on this machine"
+)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` address must accept a TCP connection within ``timeout_s`` (Ray's own connect retries
+    for minutes); ``auto`` and client addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise EngineError(
+            f"ray.address={address!r}: no Ray cluster answered there within {timeout_s:g} s ({exc}); "
+            f"{_HOW_TO_START}"
+        ) from exc
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
