@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from clair_ray import attacks, seeds
 from clair_ray.aggregators import AGGREGATORS
+from clair_ray.aggregators._common import NON_FINITE
 from clair_ray.errors import ConfigError
 
 if TYPE_CHECKING:  # the config module imports this one (it validates through the registry)
@@ -55,6 +56,7 @@ __all__ = [
     "Workload",
     "WorkloadConfig",
     "check_fields",
+    "non_finite_flags",
     "get_workload_class",
     "register_workload",
 ]
@@ -72,6 +74,24 @@ def check_fields(prefix: str, checks: list[tuple[bool, str, Any, str]]) -> None:
     bad = [f"{prefix}.{key}={value!r}: {rule}" for ok, key, value, rule in checks if not ok]
     if bad:
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
+
+
+def non_finite_flags(reported: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """A method's starting flags: clients that reported an unusable (non-finite) update are flagged
+    ``non-finite`` before any method sees the rest.
+
+    Args:
+        reported: (K,) bool, the client sent an update.
+        valid: (K,) bool, it sent a finite one (attacks applied).
+
+    Returns:
+        ((K,) bool flagged, K reasons).
+    """
+    flagged = np.zeros(len(reported), dtype=bool)
+    reason = [""] * len(reported)
+    for k in np.flatnonzero(reported & ~valid):
+        flagged[k], reason[k] = True, NON_FINITE
+    return flagged, reason
 
 
 @dataclass

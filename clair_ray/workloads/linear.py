@@ -43,6 +43,7 @@ from clair_ray.workloads.base import (
     Workload,
     WorkloadConfig,
     check_fields,
+    non_finite_flags,
     register_workload,
 )
 
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["LinearConfig", "LinearProblem", "LinearWorkload", "MethodError"]
 
 DTYPE = torch.float64  # small exact problems: float64 throughout
-NON_FINITE = "non-finite"
 
 
 class MethodError(RuntimeError):
@@ -417,10 +417,7 @@ class LinearWorkload(Workload):
                     ) from exc
                 agg_s = time.perf_counter() - t0
                 result = torch.full_like(sent, float("nan"))  # (K, p, q)
-                flagged = np.zeros(K, dtype=bool)
-                reason = [""] * K
-                for k in np.flatnonzero(reported & ~valid):
-                    flagged[k], reason[k] = True, NON_FINITE
+                flagged, reason = non_finite_flags(reported, valid)
                 subspace = None
                 if res is not None:
                     result[active] = res.per_client.to(torch.float64)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clair_ray import attacks, seeds
-from clair_ray.workloads.base import EvalPlan, Group, MethodRound, RoundOutput
+from clair_ray.workloads.base import EvalPlan, Group, MethodRound, RoundOutput, non_finite_flags
 from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, fedavg_factors, run_method
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EVAL_METRICS", "aggregate_round", "collect", "nan_metrics"]
 
-NON_FINITE = "non-finite"
 #: Held-out metrics recorded per client: result column -> key of the evaluation's answer.
 EVAL_METRICS = {"test_loss": "loss", "exact_match": "exact_match", "token_accuracy": "token_accuracy"}
 
@@ -60,14 +59,6 @@ def collect(K: int, group: Group) -> tuple[list[str], list[Factors], list[Factor
             ok[k] = all(np.isfinite(b).all() and np.isfinite(a).all() for b, a in own[k].values())
     ok[list(group.dropped)] = False
     return names, own, own_early, ok
-
-
-def _non_finite(K: int, reported: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    flagged = np.zeros(K, dtype=bool)
-    reason = [""] * K
-    for k in np.flatnonzero(reported & ~valid):
-        flagged[k], reason[k] = True, NON_FINITE
-    return flagged, reason
 
 
 def aggregate_round(
@@ -124,7 +115,7 @@ def _fedavg_round(
     if due and evaluate:
         metrics = wl.evaluate_clients(trial, honest, {}, dict.fromkeys(honest, glob))
     eval_s = time.perf_counter() - t1
-    flagged, reason = _non_finite(K, reported, valid)
+    flagged, reason = non_finite_flags(reported, valid)
     for method in group.methods:
         if due and not evaluate:
             plan[method] = {"corr": {}, "shared": glob, "adapters": {}, "clients": honest}
@@ -187,7 +178,7 @@ def _one_shot(
     )
     for method in group.methods:
         t0 = time.perf_counter()
-        flagged, reason = _non_finite(K, reported, valid)
+        flagged, reason = non_finite_flags(reported, valid)
         corr, adapters, fl, why = run_method(
             method,
             ups,
