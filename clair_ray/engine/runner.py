@@ -11,12 +11,7 @@ A checkpoint is written after every round.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import json
 import logging
-import math
-import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +33,7 @@ from clair_ray.config import (
     to_yaml,
     unlisted_registrations,
 )
-from clair_ray.engine import checkpoint
+from clair_ray.engine import checkpoint, output
 from clair_ray.engine.actors import AggregatorActor, ClientActor
 from clair_ray.engine.session import EngineError, check_resources, ray_session
 from clair_ray.workloads import get_workload
@@ -47,27 +42,6 @@ __all__ = ["EngineError", "RunInterrupted", "RunResult", "SimulatedCrash", "run_
 
 log = logging.getLogger("clair_ray.engine")
 SHARED = "*"  # the group name when every method shares the round's updates (the first round)
-
-
-def package_versions() -> dict[str, str]:
-    """Python and the versions of the packages results depend on (written to each run's versions.json)."""
-    out = {"python": platform.python_version()}
-    for name in (
-        "clair-ray",
-        "torch",
-        "ray",
-        "peft",
-        "transformers",
-        "numpy",
-        "pyarrow",
-        "pandas",
-        "omegaconf",
-    ):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 class RunInterrupted(EngineError):
@@ -151,7 +125,7 @@ class Runner:
         self.timings: list[dict[str, Any]] = []
         self._done: tuple[int, int] | None = None  # (trial, round) of the last checkpointed round
         self._done_rows = 0  # client rows of the checkpointed rounds
-        self._tb: Any = None  # the TensorBoard writer (``tensorboard: true``)
+        self._tb: output.TensorBoard | None = None  # ``tensorboard: true``
         self.actors: list[Any] = []
         self.agg: Any = None
         self.pids: list[int] = []
@@ -363,7 +337,9 @@ class Runner:
         first_row = len(self.rows)
         self._record(trial, round_, methods, groups, agg_meta, train_meta, round_s)
         if self.cfg.tensorboard:
-            self._tensorboard(trial, round_, self.rows[first_row:])
+            if self._tb is None:
+                self._tb = output.TensorBoard(self.out_dir / "tensorboard", self.columns)
+            self._tb.write(trial, round_, self.rows[first_row:], self.extras)
         n_drop = len(payload[0]["dropped"])
         self.progress(
             f"trial {trial} round {round_} (of 0..{self._rounds() - 1}): {K - n_drop}/{K} clients"
@@ -420,21 +396,6 @@ class Runner:
                     }
                 )
                 self.rows.append(row)
-
-    def _tensorboard(self, trial: int, round_: int, rows: list[dict[str, Any]]) -> None:
-        """The round's summary numbers per method as TensorBoard scalars (``trial<t>/<method>/<column>``)."""
-        if self._tb is None:
-            from tensorboardX import SummaryWriter  # comes with ray[tune]; loaded only when asked for
-
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        clients = results.table(rows, results.client_schema(self.columns)).to_pandas()
-        summary, _ = results.summarize(clients, self.extras, self.columns)
-        skip = {"trial", "method", "round", "agg_s", "round_s"}
-        for row in summary:
-            for col, value in row.items():
-                if col not in skip and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"trial{trial}/{row['method']}/{col}", float(value), round_)
-        self._tb.flush()
 
     def _next_ready(self, pending: dict[Any, Any], what: str) -> Any:
         """The first of ``pending``'s refs to finish; EngineError after ``engine.call_timeout_s``."""
@@ -528,7 +489,7 @@ class Runner:
                 "the actors could not run these; add the modules to plugins: [...] in the config:\n  "
                 + "\n  ".join(unlisted)
             )
-        self._check_output_dir()
+        output.prepare_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
         fp = fingerprint(cfg)
         trial0, round0, starts = 0, 0, None
         if cfg.resume:
@@ -551,7 +512,7 @@ class Runner:
                 self.progress(f"resuming at trial {trial0} round {round0} from {self.out_dir}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-        (self.out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=1))
+        output.write_versions(self.out_dir)
         try:  # e.g. build a cached base model, read the data: before any actor starts
             self.workload.prepare(self.progress)
         except ConfigError:
@@ -588,22 +549,6 @@ class Runner:
             if self._tb is not None:
                 self._tb.close()
         return self.finish()
-
-    def _check_output_dir(self) -> None:
-        """Refuses a non-empty ``output_dir`` unless ``resume`` or ``overwrite`` (which empties it)."""
-        out = self.out_dir
-        if not out.exists() or not any(out.iterdir()) or self.cfg.resume:
-            return
-        if not self.cfg.overwrite:
-            raise EngineError(
-                f"output_dir={str(out)!r} is not empty: pass resume=true to continue the run there, "
-                "overwrite=true to replace it, or another output_dir"
-            )
-        for item in out.iterdir():
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            else:
-                item.unlink()
 
     def _checkpoint(self, fp: dict, trial: int, round_: int, rounds: int, starts_ref: Any) -> None:
         last = round_ + 1 >= rounds
