@@ -8,18 +8,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 # The package's modules are imported inside each command, so `clair-ray --help` and argument errors answer
 # at once, without loading torch or Ray.
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load(command: str, args: argparse.Namespace) -> Any:
+    """The validated config of ``args``, or None after printing why not (the command then exits 2)."""
     from clair_ray.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"clair-ray run: {exc}", file=sys.stderr)
+        print(f"clair-ray {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from clair_ray.config import ConfigError
+
+    cfg = _load("run", args)
+    if cfg is None:
         return 2
     from clair_ray.engine import EngineError, RunInterrupted, run_experiment
     from clair_ray.results import format_summary
@@ -56,12 +66,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from clair_ray.config import ConfigError, load_config, to_yaml
+    from clair_ray.config import to_yaml
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"clair-ray config: {exc}", file=sys.stderr)
+    cfg = _load("config", args)
+    if cfg is None:
         return 2
     print(to_yaml(cfg), end="")
     return 0
