@@ -83,7 +83,8 @@ def run_peft(
             opt.step()
         last[k] = loss.item()
         _update = {
-            key: v.numpy() for key, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+            key: v.detach().cpu().numpy()
+            for key, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
         }  # ship as numpy
     return time.perf_counter() - t0, time.process_time() - c0, last
 
@@ -104,7 +105,10 @@ def run_grouped(
         grouped.load_clients([init] * g)
         losses = grouped.train_steps(ids[:, chunk], steps, lr, labels=labels[:, chunk])  # (S, G)
         last[chunk] = losses[-1].numpy()
-        _updates = [{key: v.numpy() for key, v in grouped.client_state_dict(j).items()} for j in range(g)]
+        _updates = [
+            {key: v.detach().cpu().numpy() for key, v in grouped.client_state_dict(j).items()}
+            for j in range(g)
+        ]
     return time.perf_counter() - t0, time.process_time() - c0, last
 
 
@@ -118,6 +122,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (both systems run on it; float32 either way)"
+    )
     parser.add_argument(
         "--activation",
         default="gelu_new",
@@ -147,11 +154,11 @@ def main() -> None:
             fan_in_fan_out=True,
         )
         torch.manual_seed(0)
-        peft_model = get_peft_model(load_base(tmp), config)
+        peft_model = get_peft_model(load_base(tmp), config).to(args.device)
         init = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-        grouped = GroupedLoRAModel(load_base(tmp), TARGETS, args.rank, 2 * args.rank)
+        grouped = GroupedLoRAModel(load_base(tmp).to(args.device), TARGETS, args.rank, 2 * args.rank)
 
-    ids, labels = copy_batches(args.steps, args.clients, args.batch, seed=1)
+    ids, labels = (t.to(args.device) for t in copy_batches(args.steps, args.clients, args.batch, seed=1))
     names = ["peft"] + [f"grouped G={g}" for g in args.groups]
 
     def once(name: str) -> tuple[float, float, np.ndarray]:
@@ -173,8 +180,9 @@ def main() -> None:
             wall[name].append(w)
             cpu[name].append(c)
 
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
-        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads "
+        f"device {where}; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads "
         f"{torch.get_num_threads()}, 1-min load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after"
     )
     print(

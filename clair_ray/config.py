@@ -222,8 +222,12 @@ class AggregationConfig:
     Attributes:
         methods: Methods run side by side on the same updates (registered aggregators, and methods a
             workload implements itself, such as the LoRA workloads' ``fedavg_honest`` and ``local_early``).
-        rank: Rank of the subspace CLAIR and the oracle use (None: CLAIR chooses from the data where the
-            workload supports it).
+        rank: Rank of the detection subspace CLAIR uses (None: CLAIR chooses it from the data, the largest
+            drop of the robust fit's residual, where the workload supports it).
+        refine: How much of each detected-honest client's centred deviation CLAIR's refinement keeps (the
+            oracle uses the same rule on the true honest set): ``auto`` (default) chooses per module and
+            side from the data (parallel analysis, README "Choosing the refinement"); an integer j keeps
+            the j leading directions (0: the detected-honest mean; the deviations' rank: local training).
         assumed_fraction: Contamination fraction assumed by baselines that need a number of attackers
             (None: the configured ``contamination.fraction``). CLAIR never sees it.
         noise_scale: The per-client relative noise level given to methods (``ctx.noise_scale``):
@@ -235,6 +239,7 @@ class AggregationConfig:
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     rank: int | None = None
+    refine: int | str = "auto"
     assumed_fraction: float | None = None
     noise_scale: str = "reported"
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -252,6 +257,17 @@ class AggregationConfig:
                     "has duplicates",
                 ),
                 (self.rank is None or self.rank >= 1, "rank", self.rank, "must be >= 1 (or null)"),
+                (
+                    self.refine == "auto"
+                    or (
+                        isinstance(self.refine, int)
+                        and not isinstance(self.refine, bool)
+                        and self.refine >= 0
+                    ),
+                    "refine",
+                    self.refine,
+                    "must be 'auto' or an integer >= 0",
+                ),
                 (af is None or 0 <= af < 0.5, "assumed_fraction", af, "must be in [0, 0.5)"),
                 (
                     self.noise_scale in NOISE_SCALES,

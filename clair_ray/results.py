@@ -172,7 +172,9 @@ def summarize(
         (summary rows, detection rows) as lists of dicts.
     """
     means = [c.name for c in columns if c.level == "client" and c.honest_mean]
-    scalars = [c.name for c in columns if c.level == "method"]
+    scalars = {
+        c.name: ("" if pa.types.is_string(c.dtype) else math.nan) for c in columns if c.level == "method"
+    }
     summary: list[dict[str, Any]] = []
     detection: list[dict[str, Any]] = []
     for (trial, method, rnd), g in clients.groupby(["trial", "method", "round"], sort=False):
@@ -192,7 +194,7 @@ def summarize(
             "n_honest": len(honest),
         }
         row.update({f"honest_mean_{m}": _mean(honest, m) for m in means})
-        row.update({m: ex.get(m, math.nan) for m in scalars})
+        row.update({m: ex.get(m, missing) for m, missing in scalars.items()})
         row.update(
             {
                 "n_flagged": int(flagged.sum()),
@@ -251,7 +253,8 @@ def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None)
     last = summary[summary["round"] == summary["round"].max()]
     methods = list(dict.fromkeys(last["method"]))
     core = {name for name, _ in _SUMMARY_HEAD + _SUMMARY_TAIL}
-    own = [c for c in last.columns if c not in core]  # the workload's: honest means, method-level numbers
+    # The workload's numeric columns (honest means, method-level numbers); text columns stay in the tables.
+    own = [c for c in last.columns if c not in core and pd.api.types.is_numeric_dtype(last[c])]
     metrics = [
         *own,
         "precision",

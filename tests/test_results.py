@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from clair_ray import results
@@ -94,7 +95,15 @@ def test_schemas_are_core_columns_plus_the_workload_columns() -> None:
     own = set(CLIENTS.names) - set(results.CLIENT_SCHEMA.names)
     assert own == {"error", "test_mse", "off_subspace", "noise_level"}
     extra = set(SUMMARY.names) - set(results.SUMMARY_SCHEMA.names)
-    assert extra == {"honest_mean_error", "honest_mean_test_mse", "subspace_error"}
+    assert extra == {
+        "honest_mean_error",
+        "honest_mean_test_mse",
+        "subspace_error",
+        "refine_rank",
+        "refine_rank_row",
+        "refine",
+    }
+    assert SUMMARY.field("refine").type == pa.string()
 
 
 @pytest.mark.parametrize("col", results.NONDETERMINISTIC_COLUMNS)

@@ -20,7 +20,9 @@ class AggContext:
     """What an aggregator may know besides the updates.
 
     Attributes:
-        rank: Rank r of the shared subspace (CLAIR, oracle); None lets CLAIR choose it.
+        rank: Rank r of CLAIR's detection subspace; None lets CLAIR choose it.
+        refine: How much of each honest client's centred deviation CLAIR and the oracle keep
+            (``"auto"`` or a rank; ``clair_ray.clair``'s ``refine``).
         n_attackers: Number of contaminated clients assumed by baselines that need it (trimmed mean,
             multi-Krum). Comes from config, never from the ground truth; CLAIR ignores it.
         offset: Whether the updates share an unknown common offset (CLAIR's ``offset``).
@@ -32,6 +34,7 @@ class AggContext:
     """
 
     rank: int | None = None
+    refine: int | str = "auto"
     n_attackers: int = 0
     offset: bool = False
     noise_scale: torch.Tensor | None = None
@@ -51,6 +54,7 @@ class AggOutput:
         reasons: Why each flagged client was flagged.
         subspace: (p, r) estimated shared subspace, where the method estimates one.
         scores: (K,) detection scores, where the method computes them.
+        info: Method-specific record (CLAIR and the oracle: ``refine``, side -> chosen refinement).
     """
 
     per_client: torch.Tensor
@@ -58,6 +62,7 @@ class AggOutput:
     reasons: dict[int, str] = field(default_factory=dict)
     subspace: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
 
 
 class Aggregator(Protocol):

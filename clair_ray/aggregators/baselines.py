@@ -2,7 +2,7 @@
 
 The robust global methods (fedavg, median, trimmed_mean, multi_krum, geometric_median) give every finite
 client the same aggregated update, FedAvg-style. ``local`` does not aggregate; ``oracle`` is CLAIR's
-refinement with the true honest set and the true subspace (an upper bound for CLAIR).
+refinement rule with the true honest set (CLAIR with perfect detection).
 
 Conventions shared by all of them:
 
@@ -28,6 +28,7 @@ from clair_ray.aggregators._common import (
     non_finite_clients,
 )
 from clair_ray.aggregators.base import AggContext, AggOutput, register_aggregator
+from clair_ray.clair.refine import check_refine, refine_dense, refinement_bases
 
 __all__ = [
     "FedAvg",
@@ -307,20 +308,28 @@ class GeometricMedian:
 
 @register_aggregator("oracle", personalized=True)
 class Oracle:
-    """CLAIR's refinement with the true honest set C and the true subspace U (an upper bound for CLAIR).
+    """CLAIR's refinement rule on the true honest set C (no detection: CLAIR vs oracle tests detection).
 
-    Honest finite client k gets ``P_U M_k + (I - P_U) mean_{l in C, finite} M_l``:
-    its own in-subspace part, the honest average outside U. With an offset this is the same as
-    ``mean + P_U (M_k - mean)``, so ``ctx.offset`` needs no special case. The non-honest clients are
-    flagged with reason "oracle" and keep their input. ``ctx.true_subspace`` is orthonormalised (QR) first,
-    so any basis of U works.
+    Honest finite client k gets ``m + P (M_k - m) Q`` with m the mean over the finite honest clients and P
+    (Q) the projector on the leading directions of their centred updates, chosen by ``ctx.refine``
+    exactly as CLAIR chooses them (:func:`clair_ray.clair.refine.refinement_bases`). The non-honest clients
+    are flagged with reason "oracle" and keep their input. ``ctx.true_subspace``, when given, is only
+    reported as the method's subspace.
+
+    Args:
+        side: Which side the refinement projects (``column``, ``row`` or ``both``), as CLAIR's ``side``.
     """
 
+    def __init__(self, side: str = "column") -> None:
+        if side not in ("column", "row", "both"):
+            raise ValueError(f"side: must be 'column', 'row' or 'both', got {side!r}")
+        self.side = side
+
     def aggregate(self, updates: torch.Tensor, ctx: AggContext) -> AggOutput:
-        """Refines the honest clients with the true C and U.
+        """Refines the honest clients with the true C.
 
         Raises:
-            ValueError: If ``ctx.honest`` or ``ctx.true_subspace`` is missing or malformed.
+            ValueError: If ``ctx.honest`` is missing or malformed.
         """
         check_updates(updates)
         k, p, _ = updates.shape
@@ -329,14 +338,7 @@ class Oracle:
         honest = sorted({int(i) for i in ctx.honest})
         if any(i < 0 or i >= k for i in honest):
             raise ValueError(f"ctx.honest must hold client ids in [0, {k}), got {list(ctx.honest)!r}")
-        u = ctx.true_subspace
-        if not isinstance(u, torch.Tensor) or u.ndim != 2 or u.shape[0] != p or u.shape[1] < 1:
-            raise ValueError(
-                f"oracle needs ctx.true_subspace of shape (p={p}, r), got {getattr(u, 'shape', u)!r}"
-            )
-        if not torch.isfinite(u).all():
-            raise ValueError("ctx.true_subspace must be finite")
-
+        check_refine(ctx.refine)
         mask = finite_mask(updates)  # (K,)
         honest_set = set(honest)
         reasons: dict[int, str] = {i: "oracle" for i in range(k) if i not in honest_set}
@@ -344,14 +346,19 @@ class Oracle:
             reasons.setdefault(i, NON_FINITE)  # a non-honest client stays "oracle"
         use = [i for i in honest if bool(mask[i])]
         per_client = updates.clone()  # (K, p, q)
-        basis, _ = torch.linalg.qr(u.to(device=updates.device, dtype=torch.float64))  # (p, r)
+        info: dict = {}
         if use:
-            m = updates[use].to(torch.float64)  # (H, p, q)
-            mean = m.mean(dim=0)  # (p, q)
-            in_u = basis @ (basis.T @ m)  # (H, p, q): P_U M_k
-            out_mean = mean - basis @ (basis.T @ mean)  # (p, q): (I - P_U) mean
-            per_client[use] = (in_u + out_mean).to(updates.dtype)
+            blocks = list(updates.to(torch.float64).unbind(0))
+            col, row = refinement_bases("dense", blocks, use, self.side, ctx.refine, ctx.seed)
+            bases = [None if c is None else c.basis for c in (col, row)]
+            refined = refine_dense(blocks, bases[0], bases[1], use)
+            per_client[use] = torch.stack([refined[i] for i in use]).to(updates.dtype)
+            info["refine"] = {n: c.summary() for n, c in (("column", col), ("row", row)) if c is not None}
+        u = ctx.true_subspace
+        subspace = None
+        if isinstance(u, torch.Tensor) and u.ndim == 2 and u.shape[0] == p and bool(torch.isfinite(u).all()):
+            subspace = torch.linalg.qr(u.to(torch.float64))[0].to(updates.dtype)  # (p, r)
         reasons = dict(sorted(reasons.items()))
         return AggOutput(
-            per_client=per_client, flagged=list(reasons), reasons=reasons, subspace=basis.to(updates.dtype)
+            per_client=per_client, flagged=list(reasons), reasons=reasons, subspace=subspace, info=info
         )

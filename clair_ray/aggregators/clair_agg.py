@@ -17,6 +17,7 @@ __all__ = ["Clair"]
 _CLAIR_PARAMS = frozenset(inspect.signature(clair).parameters) - {
     "updates",
     "rank",
+    "refine",
     "offset",
     "seed",
     "noise_scale",
@@ -65,6 +66,7 @@ class Clair:
         res = clair(
             list(updates.unbind(0)),
             rank=ctx.rank,
+            refine=ctx.refine,
             offset=ctx.offset,
             seed=ctx.seed,
             noise_scale=ctx.noise_scale,
@@ -79,4 +81,5 @@ class Clair:
             reasons=reasons,
             subspace=subspace,
             scores=res.scores,
+            info={"refine": getattr(res, "info", {}).get("refine", {})},
         )

@@ -27,7 +27,13 @@ from clair_ray.clair.ops import (
     project_out,
     stack,
 )
-from clair_ray.clair.refine import FactoredRefinement, refine_dense
+from clair_ray.clair.refine import (
+    FactoredRefinement,
+    check_refine,
+    low_rank_mean,
+    refine_dense,
+    refinement_bases,
+)
 from clair_ray.clair.select import (
     choose_rank,
     estimate_noise,
@@ -43,6 +49,8 @@ SIDES = ("column", "row", "both")
 # enough for its path of full SVDs; beyond that the fast path.
 AUTO_EXACT_MAX_ENTRIES = 400_000
 AUTO_EXACT_MAX_CLIENTS = 300
+#: Blocks larger than this many times the median block norm are scaled down to it before the fit.
+BLOCK_NORM_CAP = 10.0
 
 
 @dataclass
@@ -61,7 +69,11 @@ class ClairResult:
         sparse: Dense inputs: the K blocks S_k; None for factor inputs.
         offset: The common offset c with ``offset=True``: a (p, q) tensor for dense inputs, the factor
             pair (C_B, C_A) of the low-rank centre for factor inputs; else None.
-        info: How it was solved: solver, rank, lam, tau, noise estimate, threshold, iterations.
+        info: How it was solved: solver, rank, lam, tau, noise estimate, threshold, iterations, and
+            ``refine``: per projected side (``column``/``row``) the kept rank, the leading singular
+            values of the centred honest deviations and the null thresholds they were compared with.
+        refine_bases: (U, V) of the refinement m + P_U (M_k - m) P_V: the (p, j) and (q, j') orthonormal
+            bases kept per side, None for a side that is not projected.
     """
 
     subspace: torch.Tensor
@@ -73,6 +85,7 @@ class ClairResult:
     sparse: list[torch.Tensor] | None = None
     offset: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    refine_bases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     @property
     def honest(self) -> list[int]:
@@ -151,6 +164,7 @@ def clair(
     updates: Any,
     rank: int | None = None,
     *,
+    refine: int | str = "auto",
     offset: bool = False,
     solver: str = "auto",
     lam: float | None = None,
@@ -166,7 +180,12 @@ def clair(
     Args:
         updates: K dense (p, q) updates (a list or a (K, p, q) tensor), or K factor pairs (B_k, A_k)
             with update B_k @ A_k (B_k (p, r'), A_k (r', q)). numpy arrays are accepted.
-        rank: Rank r of the shared subspace; None chooses it from the data.
+        rank: Rank r of the detection subspace; None chooses it from the data.
+        refine: How much of each detected-honest client's centred deviation the refinement keeps, per
+            projected side: ``"auto"`` chooses it from the data (parallel analysis against a null of
+            independently rotated clients, :mod:`clair_ray.clair.refine`); an integer keeps that many
+            leading directions of the centred honest deviations (0: the detected-honest mean; at least
+            their rank: the client's own update).
         offset: Fit a common offset c (use when the base W_0 is unknown or the updates share a common
             part). Dense inputs only.
         solver: "admm" (exact P0/P1), "fast" (rank-r randomized path for large K), or "auto".
@@ -175,8 +194,7 @@ def clair(
         seed: Seed of the randomized parts.
         side: "column": the shared subspace spans columns (p = output features of a Linear weight);
             "row": it spans rows (the blocks are transposed first); "both": detection on the column side,
-            refinement projected on the column and the row subspace (the row problem is solved too; its
-            basis is ``info["row_subspace"]``).
+            refinement projected on both sides (each side's basis chosen by ``refine``).
         noise_scale: Optional (K,) relative noise level of each client's estimate (e.g. 1/sqrt(n_k) for
             OLS on n_k samples): scores and lambda_k are scaled by it.
         mad_k: Flagging threshold in robust standard deviations (1.4826 MAD) above the median score.
@@ -190,6 +208,7 @@ def clair(
         ValueError: On bad input, naming the argument and the value, before any work starts.
     """
     kind, items = _parse_updates(updates)
+    check_refine(refine)
     if solver not in SOLVERS:
         raise ValueError(f"solver: must be one of {SOLVERS}, got {solver!r}")
     if side not in SIDES:
@@ -202,10 +221,38 @@ def clair(
     ):
         raise ValueError(f"offset_rank: must be a positive integer, got {offset_rank!r}")
     common = dict(solver=solver, lam=lam, tau=tau, seed=seed, noise_scale=noise_scale, mad_k=mad_k)
-    if side == "both":
-        return _both_sides(kind, items, rank, offset, offset_rank, common)
+    det_side = "row" if side == "row" else "column"
     if kind == "factors" and offset:
-        return _factored_offset(items, rank, side, offset_rank, common)
+        res = _factored_offset(items, rank, det_side, offset_rank, common)
+    else:
+        res = _detect(kind, items, rank, offset, det_side, common)
+    honest = res.honest
+    col, row = refinement_bases(kind, items, honest, side, refine, seed)
+    col_basis = None if col is None else col.basis.to(res.subspace.dtype)
+    row_basis = None if row is None else row.basis.to(res.subspace.dtype)
+    res.info["side"] = side
+    res.refine_bases = (col_basis, row_basis)
+    res.info["refine"] = {
+        name: choice.summary() for name, choice in (("column", col), ("row", row)) if choice is not None
+    }
+    if kind == "factors":
+        res.refined = FactoredRefinement(col_basis, row_basis, items, honest)
+    else:
+        res.refined = refine_dense(items, col_basis, row_basis, honest)
+    return res
+
+
+def _detect(
+    kind: str,
+    items: list[Any],
+    rank: int | None,
+    offset: bool,
+    side: str,
+    common: dict[str, Any],
+) -> ClairResult:
+    """Decomposition and detection on one side (``column`` or ``row``); ``refined`` is left empty."""
+    solver, lam, tau, seed = common["solver"], common["lam"], common["tau"], common["seed"]
+    noise_scale, mad_k = common["noise_scale"], common["mad_k"]
     k_all = len(items)
     if kind == "dense":
         oriented = [b if side == "column" else b.T for b in items]
@@ -256,6 +303,18 @@ def clair(
         blocks = compact_factors(b_all, a_all)  # (K_f, p, r')
         del b_all, a_all
     kf = blocks.shape[0]
+    # One client's influence on the fit is bounded: a block above BLOCK_NORM_CAP x the median norm is
+    # scaled down to it. Its direction, and so the fraction of it outside the subspace (the evidence),
+    # is kept. Without this, an attacker whose update grows without bound (a scaling attack compounding
+    # over rounds reached 1e6 x the honest norm by round 7) drags the lambda path until L absorbs it,
+    # bends the subspace and lifts every honest residual above the threshold.
+    norms = block_norms(blocks)
+    cap = BLOCK_NORM_CAP * float(norms.median())
+    big = (norms > cap).nonzero().flatten()
+    if len(big) and cap > 0:
+        blocks = blocks.clone()
+        blocks[big] = blocks[big] * (cap / norms[big]).to(blocks.dtype)[:, None, None]
+    clipped = [finite[i] for i in big.tolist()] if cap > 0 else []
     entries = p * kf * blocks.shape[2]
     use = solver
     if solver == "auto":
@@ -265,7 +324,7 @@ def clair(
         raise ValueError(
             f"rank: {rank} exceeds the {kf * blocks.shape[2]} columns that the {kf} finite clients provide"
         )
-    info: dict[str, Any] = {"solver": use, "side": side, "nonfinite": nonfinite}
+    info: dict[str, Any] = {"solver": use, "side": side, "nonfinite": nonfinite, "clipped": clipped}
 
     max_rank = min(p - 1, kf * blocks.shape[2], 32)
     with limit_threads(use == "admm" and entries <= AUTO_EXACT_MAX_ENTRIES):
@@ -282,21 +341,13 @@ def clair(
     sn[finite] = sparse_norms.double()
     detection = flag_by_residual(scores, finite, nonfinite, mad_k, floor, sn)
     info["threshold"] = detection.threshold
-    flagged = set(detection.contaminated)
-    honest = [k for k in range(k_all) if k not in flagged]
     out_dtype = items[0].dtype if kind == "dense" else items[0][0].dtype
     subspace = basis.to(out_dtype)
-
-    col_basis, row_basis = (subspace, None) if side == "column" else (None, subspace)
     if kind == "factors":
-        refined: list[torch.Tensor] | FactoredRefinement = FactoredRefinement(
-            col_basis, row_basis, items, honest
-        )
         return ClairResult(
-            subspace, detection.contaminated, detection.scores, detection.reasons, refined, info=info
+            subspace, detection.contaminated, detection.scores, detection.reasons, [], info=info
         )
 
-    refined = refine_dense(items, col_basis, row_basis, honest)
     low_list: list[torch.Tensor] = []
     sparse_list: list[torch.Tensor] = []
     row = {k: i for i, k in enumerate(finite)}
@@ -320,7 +371,7 @@ def clair(
         detection.contaminated,
         detection.scores,
         detection.reasons,
-        refined,
+        [],
         low_list,
         sparse_list,
         c_out,
@@ -457,80 +508,6 @@ def _stack_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     return b_pad, a_pad
 
 
-def _both_sides(
-    kind: str,
-    items: list[Any],
-    rank: int | None,
-    offset: bool,
-    offset_rank: int | None,
-    common: dict[str, Any],
-) -> ClairResult:
-    """``side="both"``: detection on the column side, refinement projected on both sides.
-
-    The column (output) side is the one the honest clients share; the row problem
-    supplies the row subspace V for the refinement m + P_U (M_k - m) P_V. Its own flags are not used:
-    honest rows need not share a subspace (in the linear model every V_k is the client's own), and then
-    the row problem flags honest clients.
-    """
-    col = clair(items, rank, offset=offset, side="column", offset_rank=offset_rank, **common)
-    row = clair(items, rank, offset=offset, side="row", offset_rank=offset_rank, **common)
-    info = dict(col.info, side="both", row=row.info, row_subspace=row.subspace)
-    honest = col.honest
-    if kind == "factors":
-        refined: list[torch.Tensor] | FactoredRefinement = FactoredRefinement(
-            col.subspace, row.subspace, items, honest
-        )
-        return ClairResult(
-            col.subspace, col.contaminated, col.scores, col.reasons, refined, offset=col.offset, info=info
-        )
-    refined = refine_dense(items, col.subspace, row.subspace, honest)
-    return ClairResult(
-        col.subspace,
-        col.contaminated,
-        col.scores,
-        col.reasons,
-        refined,
-        col.low_rank,
-        col.sparse,
-        col.offset,
-        info,
-    )
-
-
-def _low_rank_mean(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]], rank: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` truncation of mean_k B_k A_k as factors (C_B (p, rank), C_A (rank, q)).
-
-    The mean [B_1 ... B_n][A_1; ...; A_n] / n is never formed: up to N = 1024 stacked factor columns
-    it is truncated exactly through two QRs; beyond that a randomized range finder (two power steps) works
-    through the factors, so the cost is O(N (p + q) (rank + 10)).
-    """
-    b = torch.cat([x for x, _ in pairs], dim=1).double()  # (p, N)
-    a = torch.cat([y for _, y in pairs], dim=0).double() / len(pairs)  # (N, q)
-    if b.shape[1] <= 1024:
-        # Exact: B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the N x N core gives the truncation. Exactness
-        # keeps noiseless inputs noiseless (a randomized centre left 1e-8 residuals that turned P0 into a
-        # slowly converging P1).
-        q_b, r_b = torch.linalg.qr(b)  # (p, N'), (N', N)
-        q_a, r_a = torch.linalg.qr(a.T)  # (q, N''), (N'', N)
-        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        u, vh = q_b @ u, vh @ q_a.T
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        m = min(rank + 10, b.shape[1], a.shape[1])
-        y = b @ (a @ torch.randn(a.shape[1], m, generator=gen, dtype=torch.float64))  # (p, m)
-        for _ in range(2):
-            q_mat = torch.linalg.qr(y)[0]
-            y = b @ (a @ (a.T @ (b.T @ q_mat)))
-        q_mat = torch.linalg.qr(y)[0]  # (p, m)
-        u, s, vh = torch.linalg.svd((q_mat.T @ b) @ a, full_matrices=False)  # (m, m), (m,), (m, q)
-        u = q_mat @ u
-    k = min(rank, s.shape[0])
-    dtype = pairs[0][0].dtype
-    return (u[:, :k] * s[:k]).to(dtype), vh[:k].to(dtype)
-
-
 def _factored_offset(
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     rank: int | None,
@@ -544,7 +521,7 @@ def _factored_offset(
     With c = C_B C_A, each centred update B_k A_k - c = [B_k, -C_B][A_k; C_A] is again a factor pair, so
     the compact form still applies. The centre starts as the mean over the clients whose update norm lies
     between the 25th and 75th percentile, then becomes the mean over the clients CLAIR keeps, until that
-    set stops changing. The refinement m + P (M_k - m) Q does not involve c.
+    set stops changing. Detection only: the caller refines (m + P (M_k - m) Q does not involve c).
     """
     k_all = len(pairs)
     r_c = offset_rank or max(b.shape[1] for b, _ in pairs)
@@ -562,18 +539,16 @@ def _factored_offset(
     keep = [k for k in finite if lo <= float(compact_norms[k]) <= hi] or finite
     res: ClairResult | None = None
     for _ in range(max_rounds):
-        c_b, c_a = _low_rank_mean([pairs[k] for k in keep], r_c, common["seed"])
+        c_b, c_a = low_rank_mean([pairs[k] for k in keep], r_c, common["seed"])
         centred = [
             (torch.cat([b, -c_b.to(b.dtype)], dim=1), torch.cat([a, c_a.to(a.dtype)], dim=0))
             for b, a in pairs
         ]
-        res = clair(centred, rank, offset=False, side=side, **common)
+        res = _detect("factors", centred, rank, False, side, common)
         if res.honest == keep:
             break
         keep = res.honest
     assert res is not None
-    col_basis, row_basis = (res.subspace, None) if side == "column" else (None, res.subspace)
-    res.refined = FactoredRefinement(col_basis, row_basis, pairs, res.honest)
     res.offset = (c_b, c_a)
     res.info["offset_rank"] = r_c
     return res

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
@@ -361,13 +362,18 @@ class Runner:
         """One client row per (method, client) in client-id order: the core columns and the workload's."""
         plan = self.workload.contamination(trial)
         own = [c.name for c in self.columns if c.level == "client"]
-        scalars = [c.name for c in self.columns if c.level == "method"]
+        # Method-level columns: numbers (NaN when missing) or strings ("" when missing).
+        scalars = {
+            c.name: ("" if pa.types.is_string(c.dtype) else np.nan)
+            for c in self.columns
+            if c.level == "method"
+        }
         K = self.cfg.workload.num_clients
         for method in methods:
             g = groups[0] if groups == [SHARED] else method
             am = agg_meta[method]
             self.extras[(trial, method, round_)] = {
-                **{c: float(am.scalars.get(c, np.nan)) for c in scalars},
+                **{c: _scalar(am.scalars.get(c, missing), missing) for c, missing in scalars.items()},
                 "agg_s": am.agg_s,
                 "round_s": round_s,
             }
@@ -609,3 +615,8 @@ def run_experiment(cfg: ExperimentConfig, progress: Callable[[str], None] | None
         EngineError: The run could not complete (what and why in the message).
     """
     return Runner(cfg, progress).run()
+
+
+def _scalar(value: Any, missing: float | str) -> float | str:
+    """A method-level value as its column's type (str columns stay strings, the rest become floats)."""
+    return str(value) if isinstance(missing, str) else float(value)

@@ -28,6 +28,7 @@ user's own workload is loaded through the ``plugins`` config key.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,6 +45,8 @@ if TYPE_CHECKING:  # the config module imports this one (it validates through th
     from clair_ray.config import ExperimentConfig
 
 __all__ = [
+    "REFINE_COLUMNS",
+    "refine_scalars",
     "MODES",
     "WORKLOADS",
     "ClientJob",
@@ -144,6 +147,27 @@ class Column:
     dtype: pa.DataType = field(default_factory=pa.float64)
     level: str = "client"
     honest_mean: bool = False
+
+
+#: Method-level columns where CLAIR and the oracle record their refinement (``aggregation.refine``):
+#: the kept rank averaged over modules on the column and the row side, and per module as JSON.
+REFINE_COLUMNS = (
+    Column("refine_rank", level="method"),
+    Column("refine_rank_row", level="method"),
+    Column("refine", pa.string(), level="method"),
+)
+
+
+def refine_scalars(choices: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float | str]:
+    """:data:`REFINE_COLUMNS` values from module -> side -> ``RefineChoice.summary()``."""
+    out: dict[str, float | str] = {}
+    for side, col in (("column", "refine_rank"), ("row", "refine_rank_row")):
+        ranks = [c[side]["rank"] for c in choices.values() if side in c]
+        out[col] = float(np.mean(ranks)) if ranks else float("nan")
+    out["refine"] = json.dumps(
+        {m: {side: c[side]["rank"] for side in c} for m, c in choices.items()}, separators=(",", ":")
+    )
+    return out
 
 
 @dataclass(frozen=True)

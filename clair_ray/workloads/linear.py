@@ -34,6 +34,7 @@ import torch
 from clair_ray import attacks, seeds
 from clair_ray.aggregators import AggContext, get_aggregator
 from clair_ray.workloads.base import (
+    REFINE_COLUMNS,
     ClientJob,
     Column,
     Group,
@@ -44,6 +45,7 @@ from clair_ray.workloads.base import (
     WorkloadConfig,
     check_fields,
     non_finite_flags,
+    refine_scalars,
     register_workload,
 )
 
@@ -165,6 +167,7 @@ class LinearWorkload(Workload):
         Column("off_subspace"),  # ‖P_U⊥(update − W_0)‖_F
         Column("noise_level"),  # the client's noise level outside U (detection truth)
         Column("subspace_error", level="method"),  # ‖ÛÛᵀ − UUᵀ‖_F, NaN if the method has no subspace
+        *REFINE_COLUMNS,  # CLAIR's and the oracle's refinement of the one module "W"
     )
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -396,6 +399,7 @@ class LinearWorkload(Workload):
             c = self.cfg
             ctx = AggContext(
                 rank=c.aggregation.rank,
+                refine=c.aggregation.refine,
                 n_attackers=attacks.assumed_attackers(
                     c.aggregation.assumed_fraction, c.contamination.fraction, len(active)
                 ),
@@ -419,7 +423,10 @@ class LinearWorkload(Workload):
                 result = torch.full_like(sent, float("nan"))  # (K, p, q)
                 flagged, reason = non_finite_flags(reported, valid)
                 subspace = None
+                refine: dict[str, float | str] = {}
                 if res is not None:
+                    if "refine" in res.info:
+                        refine = refine_scalars({"W": res.info["refine"]})
                     result[active] = res.per_client.to(torch.float64)
                     for j in res.flagged:
                         flagged[active[j]] = True
@@ -442,7 +449,7 @@ class LinearWorkload(Workload):
                     dropped=~reported,
                     update_norm=norms,
                     metrics={**metrics, "off_subspace": off, "noise_level": noise["noise_level"]},
-                    scalars={"subspace_error": self.subspace_error(trial, subspace)},
+                    scalars={"subspace_error": self.subspace_error(trial, subspace), **refine},
                     agg_s=agg_s,
                 )
         return out

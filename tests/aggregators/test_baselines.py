@@ -193,19 +193,24 @@ def test_geometric_median_symmetric_and_one_dimensional() -> None:
 def test_oracle_refinement_formula() -> None:
     bad = (1, 4)
     m, u = _round(k=10, p=12, q=3, r=2, bad=bad, noise=0.1)
-    out = get_aggregator("oracle").aggregate(m, _ctx(10, u, bad))
     honest = [i for i in range(10) if i not in bad]
-    proj = u @ u.T  # (p, p)
-    off_mean = (torch.eye(12, dtype=torch.float64) - proj) @ m[honest].mean(0)
-    for k in honest:
-        assert torch.allclose(out.per_client[k], proj @ m[k] + off_mean)
-    for k in bad:
-        assert torch.equal(out.per_client[k], m[k]) and out.reasons[k] == "oracle"
-    assert out.flagged == [1, 4]
-    # Any basis of U works (orthonormalised inside), e.g. a scaled and mixed one.
-    mixed = u @ torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
-    out2 = get_aggregator("oracle").aggregate(m, _ctx(10, mixed, bad))
-    assert torch.allclose(out2.per_client, out.per_client)
+    mean = m[honest].mean(0)  # (p, q)
+    dev = m[honest] - mean  # (H, p, q)
+    basis = torch.linalg.svd(torch.cat(list(dev), dim=1), full_matrices=False)[0]  # (p, p')
+    for j in (0, 1, 2):
+        ctx = _ctx(10, u, bad)
+        ctx.refine = j
+        out = get_aggregator("oracle").aggregate(m, ctx)
+        proj = basis[:, :j] @ basis[:, :j].T  # (p, p)
+        for k in honest:
+            assert torch.allclose(out.per_client[k], mean + proj @ (m[k] - mean))
+        for k in bad:
+            assert torch.equal(out.per_client[k], m[k]) and out.reasons[k] == "oracle"
+        assert out.flagged == [1, 4] and out.info["refine"]["column"]["rank"] == j
+    # The default "auto" rule keeps the 2 directions 30 honest clients share (noise 0.1 is well below).
+    m30, u30 = _round(k=30, p=12, q=3, r=2, noise=0.1, seed=2)
+    out = get_aggregator("oracle").aggregate(m30, _ctx(30, u30))
+    assert out.info["refine"]["column"]["rank"] == 2
 
 
 def test_oracle_beats_local_on_noisy_round() -> None:
@@ -220,8 +225,8 @@ def test_oracle_missing_truth() -> None:
     m, u = _round(k=4)
     with pytest.raises(ValueError, match="ctx.honest"):
         get_aggregator("oracle").aggregate(m, AggContext(true_subspace=u))
-    with pytest.raises(ValueError, match="ctx.true_subspace"):
-        get_aggregator("oracle").aggregate(m, AggContext(honest=[0, 1]))
+    with pytest.raises(ValueError, match="refine"):
+        get_aggregator("oracle").aggregate(m, AggContext(honest=[0, 1], refine=-1))
     with pytest.raises(ValueError, match="ctx.honest"):
         get_aggregator("oracle").aggregate(m, AggContext(honest=[0, 9], true_subspace=u))
 

@@ -45,7 +45,8 @@ def test_refined_factors_keep_one_shared_correction() -> None:
     pairs = lora_factors(inst, 4)
     res = clair_ray.clair(pairs, rank=2)
     ref = res.refined
-    u = res.subspace
+    u = res.refine_bases[0]
+    assert res.refine_bases[1] is None and u.shape[1] == res.info["refine"]["column"]["rank"]
     for k in range(20):
         b, a = ref.adapter(k)
         if k in res.contaminated:

@@ -30,6 +30,7 @@ def _run() -> dict:
         "tau": res.info["tau"],
         "subspace_error": subspace_error(res.subspace, inst.subspace),
         "honest_error": mean_error(client_errors(res.refined, inst.truth), inst.honest),
+        "refine_rank": res.info["refine"]["column"]["rank"],
     }
 
 
@@ -40,6 +41,7 @@ def test_golden_run() -> None:
     assert got["scores"] == pytest.approx(want["scores"], rel=1e-5, abs=1e-8)
     for key in ("lam", "tau", "subspace_error", "honest_error"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["refine_rank"] == want["refine_rank"]
 
 
 if __name__ == "__main__":

@@ -99,8 +99,9 @@ def test_regression_with_unequal_sample_sizes() -> None:
 
 def test_refined_formula_and_flagged_passthrough() -> None:
     inst = make_instance(20, 10, 4, 2, fraction=0.2, sigma=0.01, seed=9)
-    res = clair_ray.clair(inst.estimates, rank=2)
-    u = res.subspace
+    res = clair_ray.clair(inst.estimates, rank=2, refine=2)
+    u = res.refine_bases[0]
+    assert u.shape == (10, 2)
     honest = res.honest
     mean = inst.estimates[honest].mean(dim=0)
     for k in range(20):
@@ -112,3 +113,20 @@ def test_refined_formula_and_flagged_passthrough() -> None:
     # L + S (+ c) reproduces the data exactly in P0 and approximately in P1.
     for k in range(20):
         assert res.low_rank[k].shape == (10, 4) and res.sparse[k].shape == (10, 4)
+
+
+def test_one_huge_block_does_not_bend_the_subspace() -> None:
+    """A client 1e6 x larger than the rest (a scaling attack compounding over rounds) is flagged and
+    changes neither the subspace nor the other verdicts: blocks above 10 x the median norm are scaled
+    down to it for the fit."""
+    inst = make_instance(30, 16, 8, 2, fraction=0.2, sigma=0.05, seed=11)
+    plain = clair_ray.clair(inst.estimates, rank=2)
+    big = inst.estimates.clone()
+    k = inst.contaminated[0]
+    big[k] = big[k] * 1e6
+    res = clair_ray.clair(big, rank=2)
+    assert res.contaminated == plain.contaminated == inst.contaminated
+    assert res.info["clipped"] == [k]
+    # Scaled down to 10 x the median norm, it still counts a little, as much as a large client may.
+    assert subspace_error(res.subspace, inst.subspace) < 1.5 * subspace_error(plain.subspace, inst.subspace)
+    assert subspace_error(res.subspace, plain.subspace) < 0.01

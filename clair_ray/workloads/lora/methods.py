@@ -6,11 +6,14 @@ functions on numpy factor pairs, testable without Ray or a model.
 Every method returns ONE shared dense correction per module (folded into one shared base copy for
 evaluation) plus each honest client's own adapter as a factor pair, never a merged weight copy per client:
 
-- ``clair``: :func:`run_clair` per module with ``offset=True``, evidence combined over modules as the
-  mean of score / threshold (``clair_ray.clair.combine_modules``), flagged above 1. Refinement with
-  ``side`` both: mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V (column: no P_V; row: no P_U), applied as the shared
-  correction mean_Ĉ − P_U mean_Ĉ P_V and the adapter (P_U B_k, A_k P_V).
-- ``oracle``: the same refinement with the true honest set and U, V from the centred honest updates.
+- ``clair``: :func:`run_clair` per module with ``offset=True`` (detection on the column side, or the row
+  side with ``side`` row), evidence combined over modules (``clair_ray.clair.combine_modules``: the sum
+  of squared standardised scores against its null). Refinement from the combined flags with ``side``
+  both: mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V (column: no P_V; row: no P_U), U and V the leading directions of
+  the centred detected-honest updates, as many as ``aggregation.refine`` says
+  (``clair_ray.clair.refine.refinement_bases``: "auto" chooses per module and side), applied as the
+  shared correction mean_Ĉ − P_U mean_Ĉ P_V and the adapter (P_U B_k, A_k P_V).
+- ``oracle``: the same refinement rule on the true honest set (so CLAIR vs oracle tests detection).
 - ``fedavg``: mean over all clients (through the factors); ``fedavg_honest``: mean over the truly honest
   clients only; every other registered global aggregator (``median``, ``trimmed_mean``, ``multi_krum``,
   ``geometric_median``, a user's own): the aggregator on the dense per-module updates; all as the shared
@@ -34,6 +37,7 @@ import torch
 from clair_ray.aggregators import AGGREGATORS, AggContext, get_aggregator
 from clair_ray.clair import combine_modules
 from clair_ray.clair.api import clair
+from clair_ray.clair.refine import refinement_bases
 
 __all__ = [
     "OWN_METHODS",
@@ -163,7 +167,9 @@ class ModuleUpdates:
         return ok
 
 
-def run_clair(updates: Any, rank: int, side: str, *, seed: int, **params: Any) -> Any:
+def run_clair(
+    updates: Any, rank: int, side: str, *, seed: int, refine: int | str = "auto", **params: Any
+) -> Any:
     """CLAIR on one module's updates, centred (``offset=True``).
 
     Args:
@@ -172,31 +178,36 @@ def run_clair(updates: Any, rank: int, side: str, *, seed: int, **params: Any) -
         rank: Subspace rank per module.
         side: ``column``, ``row`` or ``both`` (detection on the column side, refinement on both).
         seed: The core's seed.
+        refine: ``aggregation.refine`` (0 when only the detection is needed).
         **params: Further keyword arguments of ``clair_ray.clair`` (``aggregation.params.clair``:
             ``solver``, ``mad_k``, ``lam``, ``tau``).
 
     Returns:
         The :class:`clair_ray.ClairResult`.
     """
-    reserved = sorted({"rank", "offset", "seed", "side"} & set(params))
+    reserved = sorted({"rank", "offset", "seed", "side", "refine"} & set(params))
     if reserved:
         raise ValueError(f"aggregation.params.clair must not set {reserved}: they come from the config")
-    return clair(updates, rank=rank, offset=True, seed=seed, side=side, **params)
+    return clair(updates, rank=rank, refine=refine, offset=True, seed=seed, side=side, **params)
 
 
-def combine_evidence(results: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Per-module evidence combined by ``clair_ray.clair.combine_modules``: mean of score / threshold.
+def combine_evidence(
+    results: dict[str, Any], mad_k: float = 4.0
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Per-module evidence combined by ``clair_ray.clair.combine_modules``.
 
-    Dividing by each module's own threshold keeps one large module from dominating; a client is
-    flagged when its mean exceeds 1.
+    Each module's score is standardised against its own honest majority (so no large module dominates);
+    a client is flagged when the sum of its squared positive standardised scores is improbable under the
+    null (at the one-module rule's level).
 
     Args:
         results: Module name -> ClairResult over the same clients.
+        mad_k: CLAIR's ``mad_k``.
 
     Returns:
         ((K,) bool flagged, (K,) combined evidence, client -> reason).
     """
-    det = combine_modules(results)
+    det = combine_modules(results, mad_k=mad_k)
     evidence = det.scores.double().numpy()  # (K,)
     flagged = np.zeros(evidence.shape[0], dtype=bool)
     flagged[det.contaminated] = True
@@ -228,6 +239,8 @@ def run_method(
     params: dict[str, dict[str, Any]],
     n_attackers: int,
     seed: int,
+    refine: int | str = "auto",
+    choices: dict[str, Any] | None = None,
 ) -> MethodResult:
     """One method on one round's updates.
 
@@ -244,6 +257,9 @@ def run_method(
         params: ``aggregation.params`` (method -> keyword arguments).
         n_attackers: Attackers assumed by the baselines that need a number.
         seed: The round's method seed.
+        refine: ``aggregation.refine`` for CLAIR and the oracle.
+        choices: If given, CLAIR and the oracle record their refinement per module here (module ->
+            side -> {rank, spectrum, null}).
 
     Returns:
         (shared corrections per module, adapters of the honest clients, flagged, reasons).
@@ -261,9 +277,11 @@ def run_method(
         clair_params = dict(params.get("clair", {}))
         # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
         clair_params.setdefault("solver", "fast")
-        return _clair(ups, active, honest, rank, side, clair_mode, clair_params, seed)
-    if method == "oracle":
-        return _oracle(ups, active, honest, rank, side)
+        return _clair(ups, active, honest, rank, side, clair_mode, clair_params, seed, refine, choices)
+    if method == "oracle":  # CLAIR's refinement rule on the true honest set (no detection)
+        honest_set = set(honest)
+        corr, adapters = _refined(ups, honest, honest, side, clair_mode, seed, refine, choices)
+        return corr, adapters, [k for k in active if k not in honest_set], {}
     if method in AGGREGATORS and not AGGREGATORS[method].personalized:
         ctx = AggContext(n_attackers=n_attackers, seed=seed)
         agg = get_aggregator(method, **params.get(method, {}))
@@ -281,6 +299,36 @@ def run_method(
     raise ValueError(f"aggregation.methods: {method!r} is not available for LoRA workloads")
 
 
+def _inputs(ups: ModuleUpdates, n: str, clients: list[int], mode: str) -> tuple[str, Any]:
+    """What CLAIR sees of module ``n`` for ``clients``: ("factors", pairs) or ("dense", (C, out, in))."""
+    if clair_input(mode, ups.shape(n)) == "factors":
+        pairs = [tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in ups.pairs[n][k]) for k in clients]
+        return "factors", pairs
+    return "dense", ups.dense(n)[clients]
+
+
+def _refined(
+    ups: ModuleUpdates,
+    keep: list[int],
+    honest: list[int],
+    side: str,
+    mode: str,
+    seed: int,
+    refine: int | str,
+    choices: dict[str, Any] | None,
+) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
+    """The refinement rule (``refinement_bases``) per module over ``keep``, then :func:`project`."""
+    bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+    for n in ups.names:
+        kind, inp = _inputs(ups, n, keep, mode)
+        items = list(inp.unbind(0)) if kind == "dense" else inp
+        col, row = refinement_bases(kind, items, list(range(len(keep))), side, refine, seed)
+        bases[n] = tuple(None if c is None else c.basis.numpy() for c in (col, row))  # type: ignore[assignment]
+        if choices is not None:
+            choices[n] = {name: c.summary() for name, c in (("column", col), ("row", row)) if c is not None}
+    return project(ups, keep, honest, bases)
+
+
 def _clair(
     ups: ModuleUpdates,
     active: list[int],
@@ -290,49 +338,22 @@ def _clair(
     mode: str,
     params: dict[str, Any],
     seed: int,
+    refine: int | str,
+    choices: dict[str, Any] | None,
 ) -> MethodResult:
     """CLAIR per module, evidence combined over modules, refinement from the combined flags."""
-    runs: dict[str, Any] = {}
-    for n in ups.names:
-        if clair_input(mode, ups.shape(n)) == "factors":
-            inp: Any = [
-                tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in ups.pairs[n][k]) for k in active
-            ]
-        else:
-            inp = ups.dense(n)[active]
-        runs[n] = run_clair(inp, rank, side, seed=seed, **params)
-    flag_local, _, reasons = combine_evidence(runs)
+    det_side = "row" if side == "row" else "column"
+    runs = {
+        n: run_clair(_inputs(ups, n, active, mode)[1], rank, det_side, seed=seed, refine=0, **params)
+        for n in ups.names
+    }
+    flag_local, _, reasons = combine_evidence(runs, mad_k=float(params.get("mad_k", 4.0)))
     fl = [active[j] for j in np.flatnonzero(flag_local)]
     why = {active[j]: reasons[j] for j in np.flatnonzero(flag_local)}
     fl_set = set(fl)
     keep = [k for k in active if k not in fl_set]
-    bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
-    for n in ups.names:
-        res = runs[n]
-        if side == "both":
-            u, v = res.subspace, res.info["row_subspace"]
-        elif side == "column":
-            u, v = res.subspace, None
-        else:
-            u, v = None, res.subspace
-        bases[n] = (None if u is None else u.double().numpy(), None if v is None else v.double().numpy())
-    corr, adapters = project(ups, keep, honest, bases)
+    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices)
     return corr, adapters, fl, why
-
-
-def _oracle(ups: ModuleUpdates, active: list[int], honest: list[int], rank: int, side: str) -> MethodResult:
-    """The true honest set, U and V from the SVDs of the centred honest updates (dense: a reference)."""
-    bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
-    for n in ups.names:
-        sent = ups.dense(n)[honest]
-        centred = (sent - sent.mean(0)).numpy()  # (H, out, in)
-        u = np.linalg.svd(np.concatenate(list(centred), axis=1), full_matrices=False)[0][:, :rank]
-        v = np.linalg.svd(np.concatenate([c.T for c in centred], axis=1), full_matrices=False)[0][:, :rank]
-        bases[n] = (u if side != "row" else None, v if side != "column" else None)
-    honest_set = set(honest)
-    fl = [k for k in active if k not in honest_set]
-    corr, adapters = project(ups, honest, honest, bases)
-    return corr, adapters, fl, {}
 
 
 def project(

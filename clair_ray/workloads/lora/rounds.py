@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clair_ray import attacks, seeds
-from clair_ray.workloads.base import EvalPlan, Group, MethodRound, RoundOutput, non_finite_flags
+from clair_ray.workloads.base import (
+    EvalPlan,
+    Group,
+    MethodRound,
+    RoundOutput,
+    non_finite_flags,
+    refine_scalars,
+)
 from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, fedavg_factors, run_method
 
 if TYPE_CHECKING:
@@ -179,6 +186,7 @@ def _one_shot(
     for method in group.methods:
         t0 = time.perf_counter()
         flagged, reason = non_finite_flags(reported, valid)
+        choices: dict[str, Any] = {}
         corr, adapters, fl, why = run_method(
             method,
             ups,
@@ -192,6 +200,8 @@ def _one_shot(
             params=cfg.aggregation.params,
             n_attackers=n_att,
             seed=method_seed,
+            refine=cfg.aggregation.refine,
+            choices=choices,
         )
         for k in fl:
             flagged[k], reason[k] = True, why.get(k, method)
@@ -209,6 +219,7 @@ def _one_shot(
             dropped=~reported,
             update_norm=norms,
             metrics=metrics,
+            scalars=refine_scalars(choices) if choices else {},
             agg_s=agg_s,
             eval_s=time.perf_counter() - t1,
         )

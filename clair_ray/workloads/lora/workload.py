@@ -38,6 +38,7 @@ import torch
 
 from clair_ray import seeds
 from clair_ray.workloads.base import (
+    REFINE_COLUMNS,
     ClientJob,
     Column,
     Group,
@@ -82,7 +83,10 @@ class LoRAWorkload(Workload):
     """
 
     config_class = LoRAWorkloadConfig
-    columns = tuple(Column(name, honest_mean=True) for name in EVAL_METRICS)
+    columns = (
+        *(Column(name, honest_mean=True) for name in EVAL_METRICS),
+        *REFINE_COLUMNS,
+    )
     own_methods = OWN_METHODS
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -126,7 +130,7 @@ class LoRAWorkload(Workload):
                 )
             ],
         )
-        needs_rank = [m for m in methods if m in ("clair", "oracle")]
+        needs_rank = [m for m in methods if m == "clair"]
         check_fields(
             "aggregation",
             [
@@ -140,8 +144,8 @@ class LoRAWorkload(Workload):
                     rank is not None or not needs_rank,
                     "rank",
                     rank,
-                    f"must be set for {needs_rank} on LoRA workloads (the rank is not chosen from the "
-                    "data there yet)",
+                    f"must be set for {needs_rank} on LoRA workloads (the detection rank is not chosen "
+                    "from the data there yet)",
                 ),
                 (rank is None or 1 <= rank <= lw.r, "rank", rank, f"must be in [1, workload.lora.r={lw.r}]"),
             ],

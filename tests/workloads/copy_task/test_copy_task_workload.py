@@ -56,11 +56,13 @@ def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path)
         small(tmp_path, copy_cache, "workload.lora.device=cuda")
     with pytest.raises(ConfigError, match=r"aggregation\.rank=9"):
         small(tmp_path, copy_cache, "aggregation.rank=9")
-    # No rank: CLAIR and the oracle cannot run on a LoRA workload yet (no silent default rank); methods
-    # that need none still can.
-    with pytest.raises(ConfigError, match=r"aggregation\.rank=None: must be set for \['clair', 'oracle'\]"):
+    # No rank: CLAIR cannot run on a LoRA workload yet (no silent default detection rank); methods that
+    # need none, the oracle included (it only refines), still can.
+    with pytest.raises(ConfigError, match=r"aggregation\.rank=None: must be set for \['clair'\]"):
         small(tmp_path, copy_cache, "aggregation.rank=null")
-    assert small(tmp_path, copy_cache, "aggregation.rank=null", "aggregation.methods=[fedavg,median]")
+    assert small(tmp_path, copy_cache, "aggregation.rank=null", "aggregation.methods=[fedavg,oracle]")
+    with pytest.raises(ConfigError, match=r"aggregation\.refine=-1: must be 'auto' or an integer >= 0"):
+        small(tmp_path, copy_cache, "aggregation.refine=-1")
     # The copy task's own methods and corruptions are not the linear workload's.
     with pytest.raises(ConfigError, match=r"aggregation\.methods\[0\]='fedavg_honest'"):
         load_config(REPO / "configs" / "linear_small.yaml", ["aggregation.methods=[fedavg_honest]"])
