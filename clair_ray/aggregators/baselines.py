@@ -28,7 +28,13 @@ from clair_ray.aggregators._common import (
     non_finite_clients,
 )
 from clair_ray.aggregators.base import AggContext, AggOutput, register_aggregator
-from clair_ray.clair.refine import check_refine, refine_dense, refinement_bases
+from clair_ray.clair.refine import (
+    check_refine,
+    refine_dense,
+    refinement_bases,
+    robust_weights,
+    update_gram,
+)
 
 __all__ = [
     "FedAvg",
@@ -310,7 +316,8 @@ class GeometricMedian:
 class Oracle:
     """CLAIR's refinement rule on the true honest set C (no detection: CLAIR vs oracle tests detection).
 
-    Honest finite client k gets ``m + P (M_k - m) Q`` with m the mean over the finite honest clients and P
+    Honest finite client k gets ``m + P (M_k - m) Q`` with m CLAIR's (robust) mean over the finite honest
+    clients and P
     (Q) the projector on the leading directions of their centred updates, chosen by ``ctx.refine``
     exactly as CLAIR chooses them (:func:`clair_ray.clair.refine.refinement_bases`). The non-honest clients
     are flagged with reason "oracle" and keep their input. ``ctx.true_subspace``, when given, is only
@@ -349,9 +356,10 @@ class Oracle:
         info: dict = {}
         if use:
             blocks = list(updates.to(torch.float64).unbind(0))
-            col, row = refinement_bases("dense", blocks, use, self.side, ctx.refine, ctx.seed)
+            weights, _ = robust_weights(update_gram("dense", blocks, use))  # as CLAIR's honest mean
+            col, row = refinement_bases("dense", blocks, use, self.side, ctx.refine, ctx.seed, weights)
             bases = [None if c is None else c.basis for c in (col, row)]
-            refined = refine_dense(blocks, bases[0], bases[1], use)
+            refined = refine_dense(blocks, bases[0], bases[1], use, weights)
             per_client[use] = torch.stack([refined[i] for i in use]).to(updates.dtype)
             info["refine"] = {n: c.summary() for n, c in (("column", col), ("row", row)) if c is not None}
         u = ctx.true_subspace

@@ -28,11 +28,14 @@ from clair_ray.clair.ops import (
     stack,
 )
 from clair_ray.clair.refine import (
+    MEAN_CLIP,
     FactoredRefinement,
     check_refine,
     low_rank_mean,
     refine_dense,
     refinement_bases,
+    robust_weights,
+    update_gram,
 )
 from clair_ray.clair.select import (
     choose_rank,
@@ -174,6 +177,7 @@ def clair(
     noise_scale: Sequence[float] | torch.Tensor | None = None,
     mad_k: float = 4.0,
     offset_rank: int | None = None,
+    mean_clip: float | None = MEAN_CLIP,
 ) -> ClairResult:
     """Runs CLAIR: recovers the shared subspace, flags contaminated clients, refines honest ones.
 
@@ -200,6 +204,11 @@ def clair(
         mad_k: Flagging threshold in robust standard deviations (1.4826 MAD) above the median score.
         offset_rank: Factor inputs with ``offset=True``: rank of the low-rank centre (default: the
             largest LoRA rank r').
+        mean_clip: The refinement's honest mean m is robust inside the subspace, where detection cannot
+            see (a sign-flipped, scaled or IPM update): a detected-honest client farther from their
+            geometric median than ``mean_clip`` x the median distance is left out of m and of the
+            refinement rule (m is exactly the plain mean when nobody sits that far out; the client is still
+            refined, and listed in ``info["mean_clipped"]``). None: the plain mean.
 
     Returns:
         A :class:`ClairResult`.
@@ -216,6 +225,7 @@ def clair(
     _check_scalar("lam", lam)
     _check_scalar("tau", tau)
     _check_scalar("mad_k", mad_k, positive=True)
+    _check_scalar("mean_clip", mean_clip, positive=True)
     if offset_rank is not None and (
         not isinstance(offset_rank, int) or isinstance(offset_rank, bool) or offset_rank < 1
     ):
@@ -227,7 +237,9 @@ def clair(
     else:
         res = _detect(kind, items, rank, offset, det_side, common)
     honest = res.honest
-    col, row = refinement_bases(kind, items, honest, side, refine, seed)
+    weights, far = robust_weights(update_gram(kind, items, honest), mean_clip)
+    res.info["mean_clipped"] = [honest[i] for i in far]
+    col, row = refinement_bases(kind, items, honest, side, refine, seed, weights)
     col_basis = None if col is None else col.basis.to(res.subspace.dtype)
     row_basis = None if row is None else row.basis.to(res.subspace.dtype)
     res.info["side"] = side
@@ -236,9 +248,9 @@ def clair(
         name: choice.summary() for name, choice in (("column", col), ("row", row)) if choice is not None
     }
     if kind == "factors":
-        res.refined = FactoredRefinement(col_basis, row_basis, items, honest)
+        res.refined = FactoredRefinement(col_basis, row_basis, items, honest, weights)
     else:
-        res.refined = refine_dense(items, col_basis, row_basis, honest)
+        res.refined = refine_dense(items, col_basis, row_basis, honest, weights)
     return res
 
 

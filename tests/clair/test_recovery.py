@@ -99,7 +99,7 @@ def test_regression_with_unequal_sample_sizes() -> None:
 
 def test_refined_formula_and_flagged_passthrough() -> None:
     inst = make_instance(20, 10, 4, 2, fraction=0.2, sigma=0.01, seed=9)
-    res = clair_ray.clair(inst.estimates, rank=2, refine=2)
+    res = clair_ray.clair(inst.estimates, rank=2, refine=2, mean_clip=None)
     u = res.refine_bases[0]
     assert u.shape == (10, 2)
     honest = res.honest

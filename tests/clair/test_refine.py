@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clair_ray
-from clair_ray.clair.refine import choose_basis, refinement_bases
+from clair_ray.clair.refine import choose_basis, refinement_bases, robust_weights, update_gram
 from clair_ray.clair.synthetic import lora_factors, make_instance
 
 
@@ -86,3 +86,51 @@ def test_refine_is_validated() -> None:
     for bad in (-1, 1.5, "full", True):
         with pytest.raises(ValueError, match="refine"):
             clair_ray.clair(inst.estimates, rank=1, refine=bad)
+
+
+def test_robust_weights_are_the_mean_without_outliers_and_bound_them() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x = 1.0 + 0.1 * torch.randn(12, 30, generator=gen, dtype=torch.float64)  # (H, d): one cloud
+    w, far = robust_weights(x @ x.T)
+    assert far == [] and torch.allclose(w, torch.full((12,), 1 / 12, dtype=torch.float64))
+    flipped = x.clone()
+    flipped[:2] = -10.0 * flipped[:2]  # two sign-flipped, scaled clients (inside the same direction)
+    w, far = robust_weights(flipped @ flipped.T)
+    assert far == [0, 1] and float(w.sum()) == pytest.approx(1.0)
+    robust, plain = w @ flipped, flipped.mean(dim=0)
+    truth = x[2:].mean(dim=0)
+    assert float((robust - truth).norm()) < 0.1 * float((plain - truth).norm())
+    # Factor pairs give the same Gram as their products.
+    pairs = [
+        (
+            torch.randn(6, 2, generator=gen, dtype=torch.float64),
+            torch.randn(2, 5, generator=gen, dtype=torch.float64),
+        )
+        for _ in range(4)
+    ]
+    dense = [b @ a for b, a in pairs]
+    torch.testing.assert_close(
+        update_gram("factors", pairs, [0, 2, 3]), update_gram("dense", dense, [0, 2, 3])
+    )
+
+
+def test_in_subspace_attackers_do_not_move_the_honest_mean() -> None:
+    """Sign-flipped honest updates lie inside U: detection cannot flag them; the clipped mean keeps them
+    from dragging every honest client's refinement (honest clients alike: V_k = V + 0.1 G_k)."""
+    gen = torch.Generator().manual_seed(12)
+    u = torch.linalg.qr(torch.randn(16, 2, generator=gen, dtype=torch.float64))[0]  # (p, r)
+    v = torch.randn(6, 2, generator=gen, dtype=torch.float64)  # (q, r)
+    updates = torch.stack(
+        [u @ (v + 0.1 * torch.randn(6, 2, generator=gen, dtype=torch.float64)).T for _ in range(40)]
+    ) + 0.01 * torch.randn(40, 16, 6, generator=gen, dtype=torch.float64)  # (K, p, q)
+    truth_mean = updates[4:].mean(dim=0)
+    attacked = updates.clone()
+    attacked[:4] = -attacked[:4]
+    robust = clair_ray.clair(attacked, rank=2, refine=0)
+    plain = clair_ray.clair(attacked, rank=2, refine=0, mean_clip=None)
+    assert robust.contaminated == plain.contaminated == []  # invisible to detection
+    assert robust.info["mean_clipped"] == [0, 1, 2, 3]
+    k = 10  # any honest client: with refine=0 it gets the (robust) honest mean
+    assert float((robust.refined[k] - truth_mean).norm()) < 0.3 * float(
+        (plain.refined[k] - truth_mean).norm()
+    )

@@ -37,7 +37,7 @@ import torch
 from clair_ray.aggregators import AGGREGATORS, AggContext, get_aggregator
 from clair_ray.clair import combine_modules
 from clair_ray.clair.api import clair
-from clair_ray.clair.refine import refinement_bases
+from clair_ray.clair.refine import MEAN_CLIP, refinement_bases, robust_weights, update_gram
 
 __all__ = [
     "OWN_METHODS",
@@ -138,13 +138,19 @@ class ModuleUpdates:
         self.dense(n)[k] = update
         self.pairs[n][k] = as_pair(update.numpy())
 
-    def mean(self, n: str, ids: list[int]) -> np.ndarray:
-        """(out, in) mean update of module n over ``ids`` (through the factors unless dense exists)."""
+    def mean(self, n: str, ids: list[int], weights: np.ndarray | None = None) -> np.ndarray:
+        """(out, in) mean update of module n over ``ids`` (through the factors unless dense exists).
+
+        ``weights`` (len(ids),), summing to 1, gives a weighted mean (CLAIR's robust honest mean).
+        """
+        w = np.full(len(ids), 1.0 / len(ids)) if weights is None else np.asarray(weights, dtype=np.float64)
         if n in self._dense:
-            return self._dense[n][ids].mean(0).numpy()
+            return np.einsum("h,hpq->pq", w, self._dense[n][ids].numpy())
         b = np.concatenate([self.pairs[n][k][0] for k in ids], axis=1)  # (out, N)
-        a = np.concatenate([self.pairs[n][k][1] for k in ids], axis=0)  # (N, in)
-        return (b @ a) / len(ids)
+        a = np.concatenate(
+            [self.pairs[n][k][1] * wk for k, wk in zip(ids, w, strict=True)], axis=0
+        )  # (N, in)
+        return b @ a
 
     def norms(self) -> np.ndarray:
         """(K,) ‖update‖_F over all modules, ‖B A‖_F² = tr((BᵀB)(AAᵀ)) (NaN without an update)."""
@@ -316,17 +322,26 @@ def _refined(
     seed: int,
     refine: int | str,
     choices: dict[str, Any] | None,
+    mean_clip: float | None = MEAN_CLIP,
 ) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
-    """The refinement rule (``refinement_bases``) per module over ``keep``, then :func:`project`."""
+    """The refinement rule (``refinement_bases``) per module over ``keep``, then :func:`project`.
+
+    The mean over ``keep`` is CLAIR's robust one (``robust_weights``: clipped around the geometric
+    median, exactly the plain mean when nobody sits far out), per module.
+    """
     bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+    weights: dict[str, np.ndarray] = {}
     for n in ups.names:
         kind, inp = _inputs(ups, n, keep, mode)
         items = list(inp.unbind(0)) if kind == "dense" else inp
-        col, row = refinement_bases(kind, items, list(range(len(keep))), side, refine, seed)
+        pos = list(range(len(keep)))
+        w, _ = robust_weights(update_gram(kind, items, pos), mean_clip)
+        weights[n] = w.numpy()
+        col, row = refinement_bases(kind, items, pos, side, refine, seed, w)
         bases[n] = tuple(None if c is None else c.basis.numpy() for c in (col, row))  # type: ignore[assignment]
         if choices is not None:
             choices[n] = {name: c.summary() for name, c in (("column", col), ("row", row)) if c is not None}
-    return project(ups, keep, honest, bases)
+    return project(ups, keep, honest, bases, weights)
 
 
 def _clair(
@@ -352,7 +367,8 @@ def _clair(
     why = {active[j]: reasons[j] for j in np.flatnonzero(flag_local)}
     fl_set = set(fl)
     keep = [k for k in active if k not in fl_set]
-    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices)
+    clip = params.get("mean_clip", MEAN_CLIP)
+    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip)
     return corr, adapters, fl, why
 
 
@@ -361,6 +377,7 @@ def project(
     keep: list[int],
     honest: list[int],
     bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
+    weights: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
     """mean + P_U (Δ_k − mean) P_V as one shared correction per module and a factored adapter each.
 
@@ -373,6 +390,7 @@ def project(
         keep: The clients the mean is over (CLAIR's unflagged clients, or the true honest set).
         honest: Clients that get an adapter.
         bases: Module -> (U (out, r) or None, V (in, r) or None).
+        weights: Module -> (len(keep),) weights of the mean (None: the plain mean).
 
     Returns:
         (module -> (out, in) correction, client -> module -> (B (out, r'), A (r', in))).
@@ -380,7 +398,7 @@ def project(
     corr: dict[str, np.ndarray] = {}
     adapters: dict[int, Factors] = {k: {} for k in honest}
     for n in ups.names:
-        m = ups.mean(n, keep)  # (out, in)
+        m = ups.mean(n, keep, None if weights is None else weights[n])  # (out, in)
         u, v = bases[n]
         pm = m if u is None else u @ (u.T @ m)
         pm = pm if v is None else (pm @ v) @ v.T
