@@ -356,7 +356,9 @@ class Oracle:
         info: dict = {}
         if use:
             blocks = list(updates.to(torch.float64).unbind(0))
-            weights, _ = robust_weights(update_gram("dense", blocks, use))  # as CLAIR's honest mean
+            precision = None if ctx.noise_scale is None else 1.0 / ctx.noise_scale.double()[use] ** 2
+            # CLAIR's honest mean, on the true honest set.
+            weights, _ = robust_weights(update_gram("dense", blocks, use), precision=precision)
             col, row = refinement_bases("dense", blocks, use, self.side, ctx.refine, ctx.seed, weights)
             bases = [None if c is None else c.basis for c in (col, row)]
             refined = refine_dense(blocks, bases[0], bases[1], use, weights)

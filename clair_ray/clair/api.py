@@ -208,7 +208,8 @@ def clair(
             see (a sign-flipped, scaled or IPM update): a detected-honest client farther from their
             geometric median than ``mean_clip`` x the median distance is left out of m and of the
             refinement rule (m is exactly the plain mean when nobody sits that far out; the client is still
-            refined, and listed in ``info["mean_clipped"]``). None: the plain mean.
+            refined, and listed in ``info["mean_clipped"]``). None: the plain mean. With ``noise_scale``
+            the mean is weighted by 1 / noise_scale^2 (the minimum-variance mean of alike clients).
 
     Returns:
         A :class:`ClairResult`.
@@ -237,7 +238,10 @@ def clair(
     else:
         res = _detect(kind, items, rank, offset, det_side, common)
     honest = res.honest
-    weights, far = robust_weights(update_gram(kind, items, honest), mean_clip)
+    precision = None
+    if noise_scale is not None:  # checked in _detect: K positive finite numbers
+        precision = 1.0 / torch.as_tensor(noise_scale, dtype=torch.float64).flatten()[honest] ** 2
+    weights, far = robust_weights(update_gram(kind, items, honest), mean_clip, precision=precision)
     res.info["mean_clipped"] = [honest[i] for i in far]
     col, row = refinement_bases(kind, items, honest, side, refine, seed, weights)
     col_basis = None if col is None else col.basis.to(res.subspace.dtype)

@@ -179,7 +179,10 @@ def update_gram(kind: str, items: list[Any], clients: list[int]) -> torch.Tensor
 
 
 def robust_weights(
-    gram: torch.Tensor, clip: float | None = MEAN_CLIP, iters: int = 100
+    gram: torch.Tensor,
+    clip: float | None = MEAN_CLIP,
+    iters: int = 100,
+    precision: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Weights a (H,), summing to 1, of the robust honest mean sum_k a_k M_k.
 
@@ -195,22 +198,25 @@ def robust_weights(
     Args:
         gram: (H, H) inner products of the updates (:func:`update_gram`).
         clip: How many median distances from c a client may sit; None gives the plain mean.
+        precision: Optional (H,) relative precision of each client's update (1 / noise_scale^2): the mean
+            of the kept clients is then weighted by it, the minimum-variance mean of alike clients whose
+            estimates are differently noisy.
         iters: Weiszfeld iterations at most.
 
     Returns:
         (H,) float64 weights, and the positions of the clipped clients.
     """
     h = gram.shape[0]
-    uniform = torch.full((h,), 1.0 / h, dtype=torch.float64)
+    prior = torch.ones(h, dtype=torch.float64) if precision is None else precision.double()
     if clip is None or h < 3 or h > MAX_ROBUST_MEAN_CLIENTS:
-        return uniform, []
+        return prior / prior.sum(), []
     diag = torch.diagonal(gram)
 
     def distances(b: torch.Tensor) -> torch.Tensor:  # ||M_k - sum_l b_l M_l|| for every k
         return (diag - 2.0 * (gram @ b) + b @ gram @ b).clamp_min(0.0).sqrt()
 
     scale = float(diag.max().sqrt()) if h else 0.0
-    b = uniform
+    b = torch.full((h,), 1.0 / h, dtype=torch.float64)
     for _ in range(iters):
         d = distances(b).clamp_min(1e-12 * max(scale, 1e-300))
         new = (1.0 / d) / (1.0 / d).sum()
@@ -221,7 +227,7 @@ def robust_weights(
     d = distances(b)
     t = clip * float(d.median())
     far = d > t
-    w = (~far).double()  # (H,)
+    w = (~far).double() * prior  # (H,)
     return w / w.sum(), far.nonzero().flatten().tolist()
 
 
