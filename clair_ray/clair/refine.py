@@ -274,6 +274,11 @@ def refinement_bases(
         else:  # many clients: the mean's leading directions are enough to centre for the basis
             pairs = [(x, y * float(w) * len(honest)) for x, y, w in zip(bs, as_, a, strict=True)]
             m_b, m_a = low_rank_mean(pairs, MAX_AUTO_RANK, seed)
+        # Clients may send pairs of different widths (an attacked update's own rank): zero columns of B
+        # and rows of A pad them to one width without changing any product.
+        width = max(b.shape[1] for b in bs)
+        bs = [torch.nn.functional.pad(b, (0, width - b.shape[1])) for b in bs]
+        as_ = [torch.nn.functional.pad(a, (0, 0, 0, width - a.shape[0])) for a in as_]
         wide_b = torch.stack([torch.cat([b, -m_b], dim=1) for b in bs])  # (H, p, r' + N)
         wide_a = torch.stack([torch.cat([a, m_a], dim=0) for a in as_])  # (H, r' + N, q)
         # Only D_k D_k^T (column) and D_k^T D_k (row) matter: C_k = B'_k R_k^T with A'_k^T = Q_k R_k.

@@ -134,3 +134,20 @@ def test_in_subspace_attackers_do_not_move_the_honest_mean() -> None:
     assert float((robust.refined[k] - truth_mean).norm()) < 0.3 * float(
         (plain.refined[k] - truth_mean).norm()
     )
+
+
+def test_factor_pairs_of_different_widths() -> None:
+    gen = torch.Generator().manual_seed(4)
+    pairs = [
+        (
+            torch.randn(12, w, generator=gen, dtype=torch.float64),
+            torch.randn(w, 7, generator=gen, dtype=torch.float64),
+        )
+        for w in (3, 3, 2, 5, 3, 1, 3, 3)
+    ]
+    dense = [b @ a for b, a in pairs]
+    for refine in ("auto", 2):
+        f_col, f_row = refinement_bases("factors", pairs, list(range(8)), "both", refine, seed=0)
+        d_col, d_row = refinement_bases("dense", dense, list(range(8)), "both", refine, seed=0)
+        assert (f_col.rank, f_row.rank) == (d_col.rank, d_row.rank)
+        torch.testing.assert_close(f_col.basis @ f_col.basis.T, d_col.basis @ d_col.basis.T)
