@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,10 @@ from clair_ray import results
 from clair_ray.engine.session import EngineError
 from clair_ray.workloads.base import Column
 
-__all__ = ["TensorBoard", "package_versions", "prepare_dir", "write_versions"]
+__all__ = ["LOCK_NAME", "DirLock", "TensorBoard", "package_versions", "prepare_dir", "write_versions"]
+
+#: The file a run holds in its ``output_dir`` while it runs (pid and host of the holder, as JSON).
+LOCK_NAME = ".clair-ray.lock"
 
 #: The packages whose versions a run records (``versions.json``).
 PACKAGES = ("clair-ray", "torch", "ray", "peft", "transformers", "numpy", "pyarrow", "pandas", "omegaconf")
@@ -43,7 +48,7 @@ def prepare_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     Raises:
         EngineError: The directory holds files and neither was given.
     """
-    if not out.exists() or not any(out.iterdir()) or resume:
+    if not out.exists() or not any(p.name != LOCK_NAME for p in out.iterdir()) or resume:
         return
     if not overwrite:
         raise EngineError(
@@ -51,6 +56,8 @@ def prepare_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             "overwrite=true to replace it, or another output_dir"
         )
     for item in out.iterdir():
+        if item.name == LOCK_NAME:  # ours: the run took it before emptying
+            continue
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item)
         else:
@@ -86,3 +93,70 @@ class TensorBoard:
     def close(self) -> None:
         """Flushes and closes the event file."""
         self.writer.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class DirLock:
+    """An exclusive lock on a run's ``output_dir``: two runs into one directory would mix their tables.
+
+    The lock is a file created atomically (``O_CREAT | O_EXCL``) holding the holder's pid and host. A
+    lock left by a process that no longer exists on this host (a run killed with SIGKILL) is taken over;
+    one held by a live process, or written on another host (whose processes cannot be checked from here),
+    refuses the run with the holder named.
+
+    Args:
+        out: The run directory (created if missing).
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        """Takes the lock.
+
+        Raises:
+            EngineError: Another live run holds it, or one on another host.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its run is gone
+                    continue
+                raise EngineError(
+                    f"output_dir={str(self.path.parent)!r} is in use by another run (pid "
+                    f"{holder.get('pid', '?')} on host {holder.get('host', '?')}; lock file {self.path}): "
+                    "wait for it, use another output_dir, or delete the lock file if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise EngineError(f"could not take the lock {self.path}: it keeps reappearing")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        """Drops the lock (only if this process holds it)."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

@@ -488,13 +488,21 @@ class Runner:
 
     # ---- whole run ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        cfg, rounds = self.cfg, self._rounds()
-        unlisted = unlisted_registrations(cfg)
+        unlisted = unlisted_registrations(self.cfg)
         if unlisted:  # the actors (other processes) import only the package and the plugins
             raise EngineError(
                 "the actors could not run these; add the modules to plugins: [...] in the config:\n  "
                 + "\n  ".join(unlisted)
             )
+        lock = output.DirLock(self.out_dir)
+        lock.acquire()  # before anything is read or written there
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> RunResult:
+        cfg, rounds = self.cfg, self._rounds()
         output.prepare_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
         fp = fingerprint(cfg)
         trial0, round0, starts = 0, 0, None
