@@ -3,11 +3,15 @@
 A checkpoint holds the last completed (trial, round), the models every client continues from (per method),
 the result rows so far, and the config fingerprint (the part of the config that determines results), so
 ``resume=true`` refuses a checkpoint written by a different experiment. Written to a temporary file and
-renamed, so a crash mid-write leaves the previous checkpoint intact.
+renamed, so a crash mid-write leaves the previous checkpoint intact; a write that fails (a full disk)
+removes its temporary file and says why. The checkpoint it replaces is kept as ``checkpoint.prev.pkl``:
+a checkpoint that cannot be read (truncated, garbage) is reported in one line, and the previous one is
+used where it can be read.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from clair_ray.engine.session import EngineError
+
 FILENAME = "checkpoint.pkl"
+PREVIOUS = "checkpoint.prev.pkl"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(EngineError):
+    """A checkpoint could not be written, or none in the directory could be read."""
 
 
 @dataclass
@@ -49,22 +62,58 @@ class Checkpoint:
 
 
 def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
-    """Writes the checkpoint atomically; returns its path."""
+    """Writes the checkpoint atomically (the one it replaces becomes ``checkpoint.prev.pkl``).
+
+    Raises:
+        CheckpointError: The write failed (disk full, read-only directory); no temporary file is left.
+    """
     path = Path(out_dir) / FILENAME
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
+        if path.exists():
+            path.replace(path.with_name(PREVIOUS))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write the checkpoint {path}: {exc}") from exc
     return path
 
 
-def load(out_dir: str | Path) -> Checkpoint | None:
-    """The checkpoint in ``out_dir``, or None if there is none."""
-    path = Path(out_dir) / FILENAME
-    if not path.exists():
-        return None
+def _read(path: Path) -> Checkpoint:
     with open(path, "rb") as f:
         ckpt = pickle.load(f)
     if not isinstance(ckpt, Checkpoint):
-        raise ValueError(f"{path}: not a clair_ray checkpoint")
+        raise ValueError("not a clair_ray checkpoint")
     return ckpt
+
+
+def load(out_dir: str | Path) -> Checkpoint | None:
+    """The checkpoint in ``out_dir`` (the previous one if it cannot be read), or None if there is none.
+
+    Raises:
+        CheckpointError: Neither the checkpoint nor the previous one can be read.
+    """
+    out = Path(out_dir)
+    path = out / FILENAME
+    (out / (FILENAME.rsplit(".", 1)[0] + ".tmp")).unlink(missing_ok=True)  # a write that died midway
+    if not path.exists():
+        return None
+    try:
+        return _read(path)
+    except Exception as exc:  # truncated, garbage, another pickle: never a raw traceback
+        why = f"{type(exc).__name__}: {exc}".strip()
+        prev = out / PREVIOUS
+        if prev.exists():
+            try:
+                ckpt = _read(prev)
+            except Exception:
+                pass
+            else:
+                log.warning("%s cannot be read (%s); resuming from %s", path, why, prev)
+                return ckpt
+        raise CheckpointError(
+            f"{path} cannot be read ({why}) and there is no readable {PREVIOUS}: "
+            "start again with overwrite=true"
+        ) from exc

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clair_ray.config import load_config
-from clair_ray.engine import EngineError, run_experiment
+from clair_ray.engine import EngineError, checkpoint, run_experiment
 from clair_ray.engine.output import LOCK_NAME, DirLock, prepare_dir
 
 SMALL = Path(__file__).resolve().parents[2] / "configs" / "linear_small.yaml"
@@ -68,3 +68,35 @@ def test_a_run_refuses_a_directory_another_run_holds(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=rf"in use by another run \(pid {os.getppid()}"):
         run_experiment(load_config(SMALL, [f"output_dir={out}"]))
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def _ckpt(round_: int) -> checkpoint.Checkpoint:
+    return checkpoint.Checkpoint(fingerprint={"seed": 0}, trial=0, round=round_, rounds=5, starts=None)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, _ckpt(0))
+    checkpoint.save(tmp_path, _ckpt(1))
+    assert checkpoint.load(tmp_path).round == 1
+    path = tmp_path / checkpoint.FILENAME
+    path.write_bytes(path.read_bytes()[:20])  # truncated mid-write by a full disk, say
+    assert checkpoint.load(tmp_path).round == 0  # the previous one, with a warning
+    (tmp_path / checkpoint.PREVIOUS).write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot be read \(.*\) and there is no readable"):
+        checkpoint.load(tmp_path)
+
+
+def test_failed_checkpoint_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint.save(tmp_path, _ckpt(0))
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.pickle, "dump", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        checkpoint.save(tmp_path, _ckpt(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.FILENAME]
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path).round == 0
+    (tmp_path / "checkpoint.tmp").write_bytes(b"half")  # left by a killed writer: removed on load
+    assert checkpoint.load(tmp_path).round == 0 and not (tmp_path / "checkpoint.tmp").exists()
