@@ -148,6 +148,12 @@ class LoRAWorkload(Workload):
                     "from the data there yet)",
                 ),
                 (rank is None or 1 <= rank <= lw.r, "rank", rank, f"must be in [1, workload.lora.r={lw.r}]"),
+                (
+                    "side" not in cfg.aggregation.params.get("clair", {}),
+                    "params.clair.side",
+                    cfg.aggregation.params.get("clair", {}).get("side"),
+                    "a LoRA workload's side is workload.lora.side",
+                ),
             ],
         )
         check_fields(

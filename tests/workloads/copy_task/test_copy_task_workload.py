@@ -63,6 +63,8 @@ def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path)
     assert small(tmp_path, copy_cache, "aggregation.rank=null", "aggregation.methods=[fedavg,oracle]")
     with pytest.raises(ConfigError, match=r"aggregation\.refine=-1: must be 'auto' or an integer >= 0"):
         small(tmp_path, copy_cache, "aggregation.refine=-1")
+    with pytest.raises(ConfigError, match=r"aggregation\.params\.clair\.side='row': .* workload\.lora\.side"):
+        small(tmp_path, copy_cache, "aggregation.params={clair: {side: row}}")
     # The copy task's own methods and corruptions are not the linear workload's.
     with pytest.raises(ConfigError, match=r"aggregation\.methods\[0\]='fedavg_honest'"):
         load_config(REPO / "configs" / "linear_small.yaml", ["aggregation.methods=[fedavg_honest]"])
