@@ -104,17 +104,19 @@ def _left_compact(blocks: torch.Tensor) -> torch.Tensor:
     return r_mat.transpose(1, 2)  # (H, n, n)
 
 
-def _top_singular_values(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """The k largest singular values of x (n, m), exact for small x, randomized for large ones."""
-    if x.numel() <= EXACT_SVD_MAX_ENTRIES:
-        return torch.linalg.svdvals(x)[:k]
-    # Randomized range finder with power steps (float64): the leading values to a few 1e-3.
+def _top_svd(x: torch.Tensor, k: int, gen: torch.Generator, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k leading left singular vectors (n, k') and values (k',) of x (n, m): an exact SVD, or a
+    seeded randomized range finder with power steps (the values to a few 1e-3)."""
+    if exact:
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)  # (n, r), (r,)
+        return u[:, :k], s[:k]
     m = min(k + 10, min(x.shape))
     y = x @ torch.randn(x.shape[1], m, generator=gen, dtype=x.dtype)  # (n, m)
     for _ in range(3):
         y = x @ (x.T @ torch.linalg.qr(y)[0])
     q_mat = torch.linalg.qr(y)[0]  # (n, m)
-    return torch.linalg.svdvals(q_mat.T @ x)[:k]
+    u, s, _ = torch.linalg.svd(q_mat.T @ x, full_matrices=False)  # (m, m), (m,)
+    return (q_mat @ u)[:, :k], s[:k]
 
 
 def choose_basis(deviations: torch.Tensor, refine: int | str, seed: int) -> RefineChoice:
@@ -136,11 +138,8 @@ def choose_basis(deviations: torch.Tensor, refine: int | str, seed: int) -> Refi
     gen = torch.Generator().manual_seed(seed)
     x = blocks.permute(1, 0, 2).reshape(n, h * w)  # (n, H w') = [D_1 ... D_H]
     full = min(n, h * w)
-    exact = x.numel() <= EXACT_SVD_MAX_ENTRIES
-    if refine != "auto" or exact:
-        u, s, _ = torch.linalg.svd(x, full_matrices=False)  # (n, m), (m,)
-    else:
-        u, s, _ = torch.svd_lowrank(x, q=min(MAX_AUTO_RANK + 10, full), niter=3, generator=gen)
+    exact = refine != "auto" or x.numel() <= EXACT_SVD_MAX_ENTRIES  # a given rank: always exact
+    u, s = _top_svd(x, full if exact else min(full, MAX_AUTO_RANK), gen, exact)  # (n, k'), (k',)
     floor = RELATIVE_FLOOR * float(s[0]) if s.numel() and float(s[0]) > 0 else float("inf")
     numerical = int((s > floor).sum())
     if refine != "auto":
@@ -154,7 +153,8 @@ def choose_basis(deviations: torch.Tensor, refine: int | str, seed: int) -> Refi
         for _ in range(NULL_DRAWS):
             frames = torch.linalg.qr(torch.randn(h, n, w, generator=gen, dtype=torch.float64))[0]
             rotated = torch.bmm(frames, r_mat).permute(1, 0, 2).reshape(n, h * w)  # (n, H w')
-            null = torch.maximum(null, _top_singular_values(rotated, k, gen))
+            small = rotated.numel() <= EXACT_SVD_MAX_ENTRIES
+            null = torch.maximum(null, _top_svd(rotated, k, gen, small)[1])
     keep = s[:k] > null
     j = int(keep.long().cumprod(0).sum()) if k else 0  # leading directions above the null
     return RefineChoice(u[:, :j].contiguous(), j, s[:k].tolist(), null.tolist())
@@ -259,6 +259,10 @@ def refinement_bases(
         (column choice or None, row choice or None): None where that side is not projected.
     """
     sides = {"column": (True, False), "row": (False, True), "both": (True, True)}[side]
+    if refine == 0:  # the detected-honest mean: no deviations to build
+        n_col, n_row = items[0].shape if kind == "dense" else (items[0][0].shape[0], items[0][1].shape[1])
+        empty = [RefineChoice(torch.zeros(n, 0, dtype=torch.float64), 0) for n in (n_col, n_row)]
+        return (empty[0] if sides[0] else None), (empty[1] if sides[1] else None)
     a = torch.full((len(honest),), 1.0 / len(honest), dtype=torch.float64) if weights is None else weights
     if kind == "dense":
         d = torch.stack([items[k].double() for k in honest])  # (H, p, q)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import clair_ray
+from clair_ray.clair import refine as refine_module
 from clair_ray.clair.refine import choose_basis, refinement_bases, robust_weights, update_gram
 from clair_ray.clair.synthetic import lora_factors, make_instance
 
@@ -151,3 +152,18 @@ def test_factor_pairs_of_different_widths() -> None:
         d_col, d_row = refinement_bases("dense", dense, list(range(8)), "both", refine, seed=0)
         assert (f_col.rank, f_row.rank) == (d_col.rank, d_row.rank)
         torch.testing.assert_close(f_col.basis @ f_col.basis.T, d_col.basis @ d_col.basis.T)
+
+
+def test_large_stacks_take_the_randomized_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXACT_SVD_MAX_ENTRIES (the K = 1000, 4096-wide case) the basis and the null come from a
+    seeded randomized SVD; it chooses as the exact path does on a well-separated spectrum."""
+    gen = torch.Generator().manual_seed(6)
+    d = 3.0 * _shared(30, 40, 10, 3, seed=2) + 0.1 * torch.randn(
+        30, 40, 10, generator=gen, dtype=torch.float64
+    )
+    d = d - d.mean(dim=0)
+    exact = choose_basis(d, "auto", seed=0)
+    monkeypatch.setattr(refine_module, "EXACT_SVD_MAX_ENTRIES", 100)
+    fast = choose_basis(d, "auto", seed=0)
+    assert fast.rank == exact.rank == 3
+    torch.testing.assert_close(fast.basis @ fast.basis.T, exact.basis @ exact.basis.T, atol=1e-6, rtol=0)
