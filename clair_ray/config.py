@@ -215,6 +215,16 @@ class ContaminationConfig:
         )
 
 
+def _quarantine_ok(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict) or set(value) != {"q", "m"}:
+        return False
+    q, m = value["q"], value["m"]
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (q, m))
+    return ints and 1 <= q <= m
+
+
 @dataclass
 class AggregationConfig:
     """Methods compared in a run.
@@ -235,6 +245,9 @@ class AggregationConfig:
             sqrt(tr((X_kᵀX_k)⁻¹)), exactly proportional to its OLS error); ``inv_sqrt_n``: 1/sqrt(n_k),
             which understates the noise of clients with n_k close to p; ``none``.
         params: Method -> keyword parameters for its constructor.
+        quarantine: Multi-round LoRA runs: ``{q: .., m: ..}`` leaves a client out of CLAIR's aggregation
+            while CLAIR flagged it in at least q of the last m rounds it took part in (reason
+            ``quarantine``); null: each round on its own evidence.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -243,6 +256,7 @@ class AggregationConfig:
     assumed_fraction: float | None = None
     noise_scale: str = "reported"
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quarantine: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         af = self.assumed_fraction
@@ -269,6 +283,12 @@ class AggregationConfig:
                     "must be 'auto' or an integer >= 0",
                 ),
                 (af is None or 0 <= af < 0.5, "assumed_fraction", af, "must be in [0, 0.5)"),
+                (
+                    _quarantine_ok(self.quarantine),
+                    "quarantine",
+                    self.quarantine,
+                    "must be null or {q, m} with integers 1 <= q <= m",
+                ),
                 (
                     self.noise_scale in NOISE_SCALES,
                     "noise_scale",
@@ -330,6 +350,13 @@ class ExperimentConfig:
                 "cannot be combined with resume=true",
             ),
             (g.min_clients <= K, "engine.min_clients", g.min_clients, f"must be <= workload.num_clients={K}"),
+            (
+                g.min_clients <= (self.workload.clients_per_round or K),
+                "engine.min_clients",
+                g.min_clients,
+                f"must be <= workload.clients_per_round={self.workload.clients_per_round} (it applies to "
+                "the round's sample)",
+            ),
         ]
         for key in ("debug_fail_clients", "debug_nonfinite_clients"):
             checks += [

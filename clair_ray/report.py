@@ -112,6 +112,7 @@ class Results:
                 f"(trials.parquet and sweep.yaml)"
             )
         self.conditions = [p for p in self.params if p not in REPLICATES]
+        self.per_round = tables["summary"]  # every round (the round plots of a multi-round run)
         self.clients = self._final(tables["clients"])
         self.summary = self._final(tables["summary"])
         self.n_runs = int(self.summary[results.PARTITION].nunique()) if len(self.summary) else 0
@@ -156,11 +157,12 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
 def attack_f1(res: Results, method: str = "clair") -> pd.DataFrame:
     """Per-attack detection F1 of one method, one row per run, engine trial and attack kind.
 
-    F1 is computed over the honest clients plus the clients of that attack (valid updates only), so
-    false positives among honest clients count against every attack kind.
+    F1 is computed over the honest clients plus the clients of that attack (the round's sampled clients
+    with valid updates only), so false positives among honest clients count against every attack kind.
     """
     c = res.clients[(res.clients["method"] == method) & ~res.clients["dropped"]]
     c = c[c["reason"] != "non-finite"]
+    c = c[results.sampled_mask(c)]  # a multi-round run with client sampling: the round's sample only
     rows: list[dict[str, Any]] = []
     for (run, trial), g in c.groupby([results.PARTITION, "trial"], sort=False):
         honest = g[~g["contaminated"]]
@@ -168,7 +170,9 @@ def attack_f1(res: Results, method: str = "clair") -> pd.DataFrame:
         for attack, a in g[g["contaminated"]].groupby("attack", sort=True):
             sub = pd.concat([honest, a])
             _, _, f1 = results.detection_scores(
-                sub["flagged"].to_numpy(bool), sub["detectable"].to_numpy(bool)
+                sub["flagged"].to_numpy(bool),
+                sub["detectable"].to_numpy(bool),
+                sub["contaminated"].to_numpy(bool),
             )
             rows.append(
                 {
@@ -277,6 +281,76 @@ def _pad_flat_axis(ax: Any, values: pd.Series, logy: bool, bounds: tuple[float, 
         ax.set_ylim(c / 3, c * 3)
     else:
         ax.set_ylim(c - max(0.5, abs(c)), c + max(0.5, abs(c)))
+
+
+def _round_plot(
+    df: pd.DataFrame, y: str, ylabel: str, title: str, path: Path, bounds: tuple[float, float] | None = None
+) -> None:
+    """``y`` against the round, one line per method, mean with a ±1 std band over the engine trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (method, g) in enumerate(df.groupby("method", sort=False)):
+        stats = g.groupby("round")[y].agg(["mean", "std"]).reset_index()
+        x, mean = stats["round"].to_numpy(), stats["mean"].to_numpy(float)
+        std = stats["std"].fillna(0).to_numpy(float)
+        lo, hi = mean - std, mean + std
+        if bounds is not None:
+            lo, hi = np.maximum(lo, bounds[0]), np.minimum(hi, bounds[1])
+        (line,) = ax.plot(
+            x, mean, marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
+            label=str(method), markersize=5, alpha=0.9,
+        )  # fmt: skip
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if bounds is not None:
+        ax.set_ylim(bounds[0] - 0.05, bounds[1] + 0.05)
+    else:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _round_plots(res: Results, out: Path) -> list[str]:
+    """A multi-round run: the honest metric and the detection F1 of the flagging methods per round."""
+    s = res.per_round
+    if not len(s) or s["round"].nunique() < 2:
+        return []
+    s = s[s[res.metric].notna()] if res.metric in s else s[:0]
+    lines = []
+    what = f"Honest clients' {res.metric_label} per round (log scale)"
+    _round_plot(s, res.metric, res.metric_label, f"{what}; mean ± std over trials", out / "rounds.png")
+    lines.append(f"- ![{what}](rounds.png) {what}.")
+    f = res.per_round[res.per_round["method"].isin(_flaggers(res)) & (res.per_round["n_detectable"] > 0)]
+    if len(f):
+        what = "Detection F1 per round (methods that flag; rounds with a detectable client)"
+        _round_plot(f, "f1", "detection F1", f"{what}; mean ± std over trials", out / "detection_rounds.png",
+                    bounds=(0.0, 1.0))  # fmt: skip
+        lines.append(f"- ![{what}](detection_rounds.png) {what}.")
+    return lines
+
+
+def _flaggers(res: Results) -> list[str]:
+    """Methods that flagged someone in some round (detection F1 means nothing for the others)."""
+    return [m for m, g in res.per_round.groupby("method", sort=False) if (g["n_flagged"] > 0).any()]
+
+
+def _round_table(res: Results, y: str, methods: list[str]) -> list[str]:
+    """Mean over trials of ``y`` per round (rows) and method (columns)."""
+    s = res.per_round
+    piv = s.groupby(["round", "method"])[y].mean().unstack()
+    lines = ["| round | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for r, row in piv.iterrows():
+        lines.append(f"| {r} | " + " | ".join(_fmt(float(row[m]), math.nan) for m in methods) + " |")
+    return lines
 
 
 def _bar_plot(df: pd.DataFrame, x: str, y: str, ylabel: str, title: str, path: Path, bounds=None) -> None:
@@ -412,6 +486,12 @@ def build_report(
     if "f1" in res.summary and res.summary["f1"].notna().any() and res.conditions:
         md += ["", f"{h2} Detection F1 (all contaminated clients with visible contamination)", ""]
         md += _table(res.summary, res.conditions, "method", "f1", methods)
+    if res.kind == "run" and res.per_round["round"].nunique() > 1:
+        md += ["", f"{h2} Per round: honest clients' {res.metric_label} (mean over trials)", ""]
+        md += _round_table(res, res.metric, methods)
+        if _flaggers(res):
+            md += ["", f"{h2} Per round: detection F1 of the methods that flag (mean over trials)", ""]
+            md += _round_table(res, "f1", _flaggers(res))
     f1 = attack_f1(res) if "clair" in methods else pd.DataFrame()
     if len(f1):
         visible = sorted(f1.groupby("attack")["n_detectable"].sum().loc[lambda s: s > 0].index)
@@ -469,6 +549,7 @@ def _plots(res: Results, out: Path, f1: pd.DataFrame, can_gain: bool) -> list[st
             hidden = sorted(set(f1["attack"]) - set(vis["attack"]))
             note = f"left out, nothing to detect outside U: {', '.join(hidden)}" if hidden else ""
             done("detection_attacks.png", "CLAIR's detection F1 per attack", note)
+        lines += _round_plots(res, out)
         return lines
     if not res.varied(FRACTION):
         skip("detection_f1.png", f"`{FRACTION}` was not varied")

@@ -50,6 +50,7 @@ _CLIENT_HEAD = [
     ("attack", pa.string()),  # "" for honest clients
     ("detectable", pa.bool_()),  # detection truth
     ("dropped", pa.bool_()),  # the client raised: no update this round
+    ("sampled", pa.bool_()),  # the client took part in the round (workload.clients_per_round)
     ("flagged", pa.bool_()),
     ("reason", pa.string()),  # why it was flagged ("" if not)
 ]
@@ -67,6 +68,7 @@ _SUMMARY_HEAD = [
     ("method", pa.string()),
     ("round", pa.int32()),
     ("n_clients", pa.int32()),
+    ("n_sampled", pa.int32()),
     ("n_dropped", pa.int32()),
     ("n_honest", pa.int32()),
 ]
@@ -119,23 +121,32 @@ DETECTION_SCHEMA = pa.schema(
 NONDETERMINISTIC_COLUMNS = ("train_s", "agg_s", "round_s", "actor_id")
 
 
-def detection_scores(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+def detection_scores(
+    flagged: np.ndarray, truth: np.ndarray, contaminated: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """Precision, recall and F1 of a flagged set against the truth.
 
-    Conventions for empty sets: precision is 1 when nothing is flagged, recall is 1 when nothing is to be
-    found (so a method that correctly flags nobody on a clean run scores 1, 1, 1).
+    Recall counts the detectable clients (``truth``) that were flagged. Precision counts flags that fell on
+    a contaminated client: flagging an attacker that no subspace method is expected to see (an in-subspace
+    attack, outside ``truth``) is not a false alarm, so with ``contaminated`` given such a flag counts as
+    correct for precision (and is not required for recall). Conventions for empty sets: precision is 1 when
+    nothing is flagged, recall is 1 when nothing is to be found (so a method that correctly flags nobody on
+    a clean run scores 1, 1, 1).
 
     Args:
         flagged: (K,) bool.
-        truth: (K,) bool.
+        truth: (K,) bool, detectable.
+        contaminated: (K,) bool, every contaminated client (None: ``truth``).
 
     Returns:
         (precision, recall, f1).
     """
+    bad = truth if contaminated is None else (truth | contaminated)
+    right = int(np.sum(flagged & bad))
+    wrong = int(np.sum(flagged & ~bad))
     tp = int(np.sum(flagged & truth))
-    fp = int(np.sum(flagged & ~truth))
     fn = int(np.sum(~flagged & truth))
-    precision = tp / (tp + fp) if tp + fp else 1.0
+    precision = right / (right + wrong) if right + wrong else 1.0
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return precision, recall, f1
@@ -153,6 +164,14 @@ def _mean(rows: pd.DataFrame, column: str) -> float:
     return float(rows[column].mean())
 
 
+def sampled_mask(clients: pd.DataFrame) -> np.ndarray:
+    """(rows,) bool: the client took part in its round (True where the ``sampled`` column is absent or
+    null, as in tables written before client sampling existed)."""
+    if "sampled" not in clients:
+        return np.ones(len(clients), dtype=bool)
+    return clients["sampled"].astype(object).where(clients["sampled"].notna(), True).to_numpy(bool)
+
+
 def summarize(
     clients: pd.DataFrame,
     extras: dict[tuple[int, str, int], dict[str, float]],
@@ -160,8 +179,8 @@ def summarize(
 ) -> tuple[list, list]:
     """Summary and per-attack detection rows from the client rows.
 
-    Detection counts only clients with a valid (reported, finite) update; non-finite ones are excluded
-    before any method sees them, so they are not a method's detection.
+    Detection counts only the round's sampled clients with a valid (reported, finite) update; non-finite
+    ones are excluded before any method sees them, so they are not a method's detection.
 
     Args:
         clients: The client table as a DataFrame.
@@ -178,18 +197,21 @@ def summarize(
     summary: list[dict[str, Any]] = []
     detection: list[dict[str, Any]] = []
     for (trial, method, rnd), g in clients.groupby(["trial", "method", "round"], sort=False):
-        valid = ~g["dropped"].to_numpy() & (g["reason"].to_numpy() != "non-finite")
+        # Tables written before client sampling existed have no (or an empty) column: everyone took part.
+        sampled = sampled_mask(g)
+        valid = sampled & ~g["dropped"].to_numpy() & (g["reason"].to_numpy() != "non-finite")
         v = g[valid]
         honest = g[~g["contaminated"] & ~g["dropped"]]
         flagged = v["flagged"].to_numpy(bool)
         truth = v["detectable"].to_numpy(bool)
-        precision, recall, f1 = detection_scores(flagged, truth)
+        precision, recall, f1 = detection_scores(flagged, truth, v["contaminated"].to_numpy(bool))
         ex = extras.get((int(trial), str(method), int(rnd)), {})
         row: dict[str, Any] = {
             "trial": trial,
             "method": method,
             "round": rnd,
             "n_clients": len(g),
+            "n_sampled": int(sampled.sum()),
             "n_dropped": int(g["dropped"].sum()),
             "n_honest": len(honest),
         }

@@ -191,9 +191,9 @@ class AggregatorActor:
         Args:
             trial: Trial index.
             round_: Round index.
-            groups: Per group ``methods``, ``dropped``, ``info`` (client id -> training info) and
-                ``batches``: a list of (client_ids, ref of the payload). Refs nested in a list arrive as
-                refs, not values.
+            groups: Per group ``methods``, ``dropped``, ``info`` (client id -> training info),
+                ``clients`` (the round's sample) and ``batches``: a list of (client_ids, ref of the
+                payload). Refs nested in a list arrive as refs, not values.
             prev_box: ``[ref]`` to the previous round's starts (``[]`` in the first round).
             timeout_s: Timeout of every fetch.
 
@@ -206,7 +206,13 @@ class AggregatorActor:
             arrays = ray.get([ref for _, ref in g["batches"]], timeout=timeout_s)
             batches = [(ids, arr) for (ids, _), arr in zip(g["batches"], arrays, strict=True)]
             fetched.append(
-                Group(methods=list(g["methods"]), batches=batches, dropped=list(g["dropped"]), info=g["info"])
+                Group(
+                    methods=list(g["methods"]),
+                    batches=batches,
+                    dropped=list(g["dropped"]),
+                    info=g["info"],
+                    clients=list(g.get("clients", [])),
+                )
             )
         prev = ray.get(prev_box[0], timeout=timeout_s) if prev_box else None
         t0 = time.perf_counter()

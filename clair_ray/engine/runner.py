@@ -175,15 +175,18 @@ class Runner:
         )
 
     # ---- one round ------------------------------------------------------------------------------------
-    def train_round(self, trial: int, round_: int, groups: list[str], starts_ref: Any) -> dict[str, list]:
-        """Runs every group's client batches; returns group -> [(client_ids, meta, updates_ref)]."""
-        K, bs, A = self.cfg.workload.num_clients, self.cfg.engine.batch_size, self.cfg.engine.num_actors
+    def train_round(
+        self, trial: int, round_: int, groups: list[str], starts_ref: Any, clients: list[int]
+    ) -> dict[str, list]:
+        """Runs every group's client batches over the round's sampled ``clients``; returns group ->
+        [(client_ids, meta, updates_ref)]."""
+        bs, A = self.cfg.engine.batch_size, self.cfg.engine.num_actors
         batches: list[_Batch] = []
         for group in groups:
-            for b0 in range(0, K, bs):
+            for b0 in range(0, len(clients), bs):  # batches cut by position in the sorted sample
                 jobs = [
                     (k, seeds.derive_seed(self.cfg.seed, seeds.TRAIN, trial, round_, k))
-                    for k in range(b0, min(b0 + bs, K))
+                    for k in clients[b0 : b0 + bs]
                 ]
                 batches.append(_Batch(actor=len(batches) % A, group=group, jobs=jobs))
         for b in batches:
@@ -191,7 +194,7 @@ class Runner:
         pending = {b.meta_ref: b for b in batches}
         metas: dict[int, list[dict[str, Any]]] = {}
         t0, last_note, done = time.perf_counter(), time.perf_counter(), 0
-        total = K * len(groups)
+        total = len(clients) * len(groups)
         while pending:
             b = pending.pop(self._next_ready(pending, f"trial {trial} round {round_}: no client batch"))
             try:
@@ -253,8 +256,11 @@ class Runner:
         t0 = time.perf_counter()
         methods = list(self.cfg.aggregation.methods)
         groups = [SHARED] if starts_ref is None else methods
-        trained = self.train_round(trial, round_, groups, starts_ref)
         K = self.cfg.workload.num_clients
+        sample = seeds.sample_clients(self.cfg.seed, trial, round_, K, self.cfg.workload.clients_per_round)
+        n_s = len(sample)
+        of = f"{K}" if n_s == K else f"{n_s} sampled"
+        trained = self.train_round(trial, round_, groups, starts_ref, sample)
         train_meta: dict[str, dict[int, dict[str, Any]]] = {}
         payload = []
         for g in groups:
@@ -272,11 +278,11 @@ class Runner:
                     g,
                     by_client[k]["traceback"],
                 )
-            reported = K - len(dropped)
+            reported = n_s - len(dropped)
             need = max(self.cfg.engine.min_clients, 1)
             if reported < need:
                 raise EngineError(
-                    f"trial {trial} round {round_}: only {reported} of {K} clients reported "
+                    f"trial {trial} round {round_}: only {reported} of {of} clients reported "
                     f"(engine.min_clients={self.cfg.engine.min_clients}); dropped: {dropped}"
                 )
             finite = sum(1 for m in by_client.values() if m["ok"] and m.get("finite", True))
@@ -287,7 +293,7 @@ class Runner:
                 )
             if finite < need:
                 raise EngineError(
-                    f"trial {trial} round {round_}: only {finite} of {K} clients sent a finite update "
+                    f"trial {trial} round {round_}: only {finite} of {of} clients sent a finite update "
                     f"(engine.min_clients={self.cfg.engine.min_clients}; {reported - finite} non-finite, "
                     f"{len(dropped)} dropped)"
                 )
@@ -302,6 +308,7 @@ class Runner:
                     "dropped": dropped,
                     "info": {k: m for k, m in by_client.items() if m["ok"]},
                     "batches": batches,
+                    "clients": sample,
                 }
             )
         t_train = time.perf_counter() - t0
@@ -326,7 +333,7 @@ class Runner:
             {
                 "trial": trial,
                 "round": round_,
-                "clients": K,
+                "clients": n_s,
                 "round_s": round_s,
                 "train_wall_s": t_train,
                 "client_compute_s": client_s,
@@ -336,14 +343,14 @@ class Runner:
             }
         )
         first_row = len(self.rows)
-        self._record(trial, round_, methods, groups, agg_meta, train_meta, round_s)
+        self._record(trial, round_, methods, groups, agg_meta, train_meta, round_s, set(sample))
         if self.cfg.tensorboard:
             if self._tb is None:
                 self._tb = output.TensorBoard(self.out_dir / "tensorboard", self.columns)
             self._tb.write(trial, round_, self.rows[first_row:], self.extras)
         n_drop = len(payload[0]["dropped"])
         self.progress(
-            f"trial {trial} round {round_} (of 0..{self._rounds() - 1}): {K - n_drop}/{K} clients"
+            f"trial {trial} round {round_} (of 0..{self._rounds() - 1}): {n_s - n_drop}/{of} clients"
             f"{f' ({n_drop} dropped)' if n_drop else ''}, train {t_train:.1f}s, "
             f"aggregate {round_s - t_train:.1f}s"
         )
@@ -358,8 +365,10 @@ class Runner:
         agg_meta: dict[str, Any],
         train_meta: dict[str, dict[int, dict[str, Any]]],
         round_s: float,
+        sampled: set[int],
     ) -> None:
-        """One client row per (method, client) in client-id order: the core columns and the workload's."""
+        """One client row per (method, client) in client-id order: the core columns and the workload's
+        (every client of the federation; ``sampled`` says who took part in the round)."""
         plan = self.workload.contamination(trial)
         own = [c.name for c in self.columns if c.level == "client"]
         # Method-level columns: numbers (NaN when missing) or strings ("" when missing).
@@ -388,6 +397,7 @@ class Runner:
                     "attack": plan.attack.get(k, ""),
                     "detectable": bool(am.detectable[k]),
                     "dropped": bool(am.dropped[k]),
+                    "sampled": k in sampled,
                     "flagged": bool(am.flagged[k]),
                     "reason": am.reason[k],
                 }

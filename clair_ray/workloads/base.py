@@ -106,12 +106,15 @@ class WorkloadConfig:
         num_clients: K, the virtual clients.
         mode: ``one_shot`` (train once, aggregate once) or ``multi_round``.
         rounds: Rounds in multi-round mode (one-shot always runs one).
+        clients_per_round: Multi-round mode: clients sampled per round (0: all K), a seeded sample per
+            (trial, round) (:func:`clair_ray.seeds.sample_clients`); clients not sampled keep their state.
     """
 
     name: str = "linear"
     num_clients: int = 50
     mode: str = "one_shot"
     rounds: int = 1
+    clients_per_round: int = 0
 
     def __post_init__(self) -> None:
         check_fields(
@@ -120,6 +123,20 @@ class WorkloadConfig:
                 (self.num_clients >= 2, "num_clients", self.num_clients, "must be >= 2"),
                 (self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}"),
                 (self.rounds >= 1, "rounds", self.rounds, "must be >= 1"),
+                (
+                    isinstance(self.clients_per_round, int)
+                    and not isinstance(self.clients_per_round, bool)
+                    and 0 <= self.clients_per_round <= self.num_clients,
+                    "clients_per_round",
+                    self.clients_per_round,
+                    f"must be an integer in [0, num_clients={self.num_clients}] (0: every client)",
+                ),
+                (
+                    self.clients_per_round in (0, self.num_clients) or self.mode == "multi_round",
+                    "clients_per_round",
+                    self.clients_per_round,
+                    "client sampling needs mode=multi_round",
+                ),
             ],
         )
 
@@ -205,12 +222,14 @@ class Group:
         batches: (client ids, payload) per client batch, in client-id order.
         dropped: Clients that did not report (raised, or were never trained).
         info: Client id -> its ``TrainOutput.info`` entry (reporting clients only).
+        clients: The round's sampled clients (``workload.clients_per_round``; empty: all K).
     """
 
     methods: list[str]
     batches: list[tuple[list[int], Any]]
     dropped: list[int]
     info: dict[int, dict[str, Any]]
+    clients: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -288,6 +307,8 @@ class Workload(abc.ABC):
     data_attacks: ClassVar[tuple[str, ...]] = attacks.DATA_ATTACK_KINDS
     #: Methods the workload implements itself (beyond registered aggregators it can run).
     own_methods: ClassVar[tuple[str, ...]] = ()
+    #: Whether its rounds handle a sample of the clients (``workload.clients_per_round``).
+    supports_sampling: ClassVar[bool] = False
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -307,6 +328,18 @@ class Workload(abc.ABC):
         The default checks the method names and the data attacks against what the workload runs; a
         workload extends it (``super().check(cfg)`` first).
         """
+        n = cfg.workload.clients_per_round
+        check_fields(
+            "workload",
+            [
+                (
+                    cls.supports_sampling or n in (0, cfg.workload.num_clients),
+                    "clients_per_round",
+                    n,
+                    f"workload {cls.name!r} runs every client every round (must be 0)",
+                )
+            ],
+        )
         known = cls.methods()
         checks = [
             (m in known, f"methods[{i}]", m, f"must be one of {list(known)} for workload {cls.name!r}")

@@ -14,9 +14,11 @@ evaluation) plus each honest client's own adapter as a factor pair, never a merg
   (``clair_ray.clair.refine.refinement_bases``: "auto" chooses per module and side), applied as the
   shared correction mean_Ĉ − P_U mean_Ĉ P_V and the adapter (P_U B_k, A_k P_V).
 - ``oracle``: the same refinement rule on the true honest set (so CLAIR vs oracle tests detection).
-- ``fedavg``: mean over all clients (through the factors); ``fedavg_honest``: mean over the truly honest
-  clients only; every other registered global aggregator (``median``, ``trimmed_mean``, ``multi_krum``,
-  ``geometric_median``, a user's own): the aggregator on the dense per-module updates; all as the shared
+- ``fedavg``: mean over all clients (through the factors; in multi-round mode FedIT's mean of the B's and
+  of the A's instead, :mod:`clair_ray.workloads.lora.trajectory`); ``fedavg_exact``: the mean of the
+  products in both modes; ``fedavg_honest``: mean over the truly honest clients only; every other
+  registered global aggregator (``median``, ``trimmed_mean``, ``multi_krum``, ``geometric_median``, a
+  user's own): the aggregator on the dense per-module updates; all as the shared
   correction with no personal adapter.
 - ``local``: the client's own adapter; ``local_early``: its adapter after ``early_steps``.
 
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 #: Methods this module implements itself, beyond the registered aggregators it runs per module.
-OWN_METHODS = ("fedavg_honest", "local_early")
+OWN_METHODS = ("fedavg_exact", "fedavg_honest", "local_early")
 #: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
 AUTO_DENSE_MAX_ENTRIES = 65_536
 Pair = tuple[np.ndarray, np.ndarray]
@@ -247,6 +249,7 @@ def run_method(
     seed: int,
     refine: int | str = "auto",
     choices: dict[str, Any] | None = None,
+    exclude: frozenset[int] = frozenset(),
 ) -> MethodResult:
     """One method on one round's updates.
 
@@ -266,6 +269,8 @@ def run_method(
         refine: ``aggregation.refine`` for CLAIR and the oracle.
         choices: If given, CLAIR and the oracle record their refinement per module here (module ->
             side -> {rank, spectrum, null}).
+        exclude: CLAIR: clients left out of its mean and refinement whatever their evidence this round
+            (quarantined); they are still scored.
 
     Returns:
         (shared corrections per module, adapters of the honest clients, flagged, reasons).
@@ -277,13 +282,15 @@ def run_method(
         return {}, {k: own_early[k] for k in honest}, [], {}
     if method == "fedavg_honest":
         return {n: ups.mean(n, honest) for n in names}, dict.fromkeys(honest, _zero(ups)), [], {}
-    if method == "fedavg":
+    if method in ("fedavg", "fedavg_exact"):
         return {n: ups.mean(n, active) for n in names}, dict.fromkeys(honest, _zero(ups)), [], {}
     if method == "clair":
         clair_params = dict(params.get("clair", {}))
         # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
         clair_params.setdefault("solver", "fast")
-        return _clair(ups, active, honest, rank, side, clair_mode, clair_params, seed, refine, choices)
+        return _clair(
+            ups, active, honest, rank, side, clair_mode, clair_params, seed, refine, choices, exclude
+        )
     if method == "oracle":  # CLAIR's refinement rule on the true honest set (no detection)
         honest_set = set(honest)
         corr, adapters = _refined(ups, honest, honest, side, clair_mode, seed, refine, choices)
@@ -355,8 +362,10 @@ def _clair(
     seed: int,
     refine: int | str,
     choices: dict[str, Any] | None,
+    exclude: frozenset[int] = frozenset(),
 ) -> MethodResult:
-    """CLAIR per module, evidence combined over modules, refinement from the combined flags."""
+    """CLAIR per module, evidence combined over modules, refinement from the combined flags (and without
+    the ``exclude``d clients)."""
     det_side = "row" if side == "row" else "column"
     runs = {
         n: run_clair(_inputs(ups, n, active, mode)[1], rank, det_side, seed=seed, refine=0, **params)
@@ -365,8 +374,9 @@ def _clair(
     flag_local, _, reasons = combine_evidence(runs, mad_k=float(params.get("mad_k", 4.0)))
     fl = [active[j] for j in np.flatnonzero(flag_local)]
     why = {active[j]: reasons[j] for j in np.flatnonzero(flag_local)}
-    fl_set = set(fl)
-    keep = [k for k in active if k not in fl_set]
+    fl_set = set(fl) | set(exclude)
+    # Everyone quarantined or flagged: this round's own evidence decides alone.
+    keep = [k for k in active if k not in fl_set] or [k for k in active if k not in set(fl)]
     clip = params.get("mean_clip", MEAN_CLIP)
     corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip)
     return corr, adapters, fl, why

@@ -6,11 +6,12 @@ correction per module and each evaluated client's adapter), which the engine han
 actors; called with ``evaluate=True`` (tests, no Ray) it evaluates in place instead.
 
 One-shot mode runs every method of :func:`clair_ray.workloads.lora.methods.run_method` on the round's
-factor pairs. Multi-round mode runs ``fedavg`` as FedIT does: the server averages the B factors and the
-A factors (:func:`~clair_ray.workloads.lora.methods.fedavg_factors`) into the next global adapter, which
-every client starts from the next round; clients are evaluated on the global adapter every
-``eval_every`` rounds and in the last one. Update attacks need a dense update, so that mode takes data
-attacks only.
+factor pairs. Multi-round mode gives every method its own trajectory
+(:mod:`clair_ray.workloads.lora.trajectory`): the round's sampled clients start from it, their round
+updates (new adapter minus start, a factor pair of rank <= 2r) are attacked and aggregated, and the
+method's next global adapter is the start plus its aggregate (``fedavg`` stays FedIT: the mean of the
+B's and of the A's; ``local`` keeps each client's own adapter). Clients are evaluated every
+``eval_every`` rounds (the round's sampled honest clients) and after the last one (every honest client).
 
 Detection truth: every contaminated client except the in-subspace update attacks, which no subspace
 method can see. A LoRA task has no known true subspace.
@@ -32,7 +33,8 @@ from clair_ray.workloads.base import (
     non_finite_flags,
     refine_scalars,
 )
-from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, fedavg_factors, run_method
+from clair_ray.workloads.lora import trajectory
+from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, run_method
 
 if TYPE_CHECKING:
     from clair_ray.workloads.lora.workload import LoRAWorkload
@@ -78,19 +80,19 @@ def aggregate_round(
         trial: Trial index.
         round_: Round index.
         groups: One-shot: one group; multi-round: one group per method after the first round.
-        prev: Unused (the global adapter travels to the clients, not back here).
+        prev: Multi-round: the previous round's ``nexts`` (method -> trajectory state; None in the first
+            round), against which the round updates are formed.
         evaluate: Evaluate here (needs the model; tests without Ray) instead of returning a plan.
 
     Returns:
         Per method its results, the next round's global adapter per method (none one-shot), and the
         evaluation plan (None with ``evaluate=True``).
     """
-    del prev
     plan: dict[str, Any] = {}
     out = RoundOutput(methods={})
     if wl.multi_round:
         for group in groups:
-            _fedavg_round(wl, trial, round_, group, evaluate, plan, out)
+            _multi_round(wl, trial, round_, group, prev, evaluate, plan, out)
     else:
         (group,) = groups
         _one_shot(wl, trial, round_, group, evaluate, plan, out)
@@ -100,62 +102,207 @@ def aggregate_round(
     return out
 
 
-def _fedavg_round(
-    wl: LoRAWorkload, trial: int, round_: int, group: Group, evaluate: bool, plan: dict, out: RoundOutput
+def _multi_round(
+    wl: LoRAWorkload,
+    trial: int,
+    round_: int,
+    group: Group,
+    prev: dict[str, Any] | None,
+    evaluate: bool,
+    plan: dict,
+    out: RoundOutput,
 ) -> None:
-    """Multi-round FedAvg (FedIT): average the factors, evaluate the global adapter when due."""
-    K, contamination = wl.K, wl.contamination(trial)
-    _, own, _, valid = collect(K, group)
-    reported = np.ones(K, dtype=bool)
+    """One round of every method of ``group`` (all of them in the first round, one afterwards).
+
+    The round updates are factor pairs against each client's start in the group's trajectory
+    (:func:`~clair_ray.workloads.lora.trajectory.round_pairs`); update attacks act on them (ALIE and IPM
+    over the round's honest updates); each method then moves its own trajectory
+    (:func:`_next_state`). Evaluation, when due: the round's sampled honest clients, and every honest
+    client after the last round.
+    """
+    K, contamination, cfg = wl.K, wl.contamination(trial), wl.cfg
+    sample = group.clients or list(range(K))
+    state = None if prev is None else prev[group.methods[0]]  # methods share a group in the first round
+    names, own, _, finite = collect(K, group)
+    in_sample = np.zeros(K, dtype=bool)
+    in_sample[sample] = True
+    reported = in_sample.copy()
     reported[list(group.dropped)] = False
+    starts = [trajectory.start_of(state, k) for k in range(K)]
+    ups = ModuleUpdates(
+        {
+            n: [trajectory.round_pairs(own[k], starts[k])[n] if own[k] else None for k in range(K)]
+            for n in names
+        }
+    )
+    attacked = _attack_updates(wl, trial, round_, ups, finite)
+    valid = reported & ups.finite()
     active = np.flatnonzero(valid).tolist()
-    t0 = time.perf_counter()
-    glob = fedavg_factors([own[k] for k in active])
-    agg_s = time.perf_counter() - t0
-    names = list(next(f for f in own if f))
-    norms = ModuleUpdates({n: [own[k][n] if valid[k] else None for k in range(K)] for n in names}).norms()
+    contaminated = np.zeros(K, dtype=bool)
+    contaminated[contamination.contaminated] = True
+    detectable = np.array(
+        [
+            valid[k] and k in contamination.attack and not _in_subspace(contamination.attack[k])
+            for k in range(K)
+        ]
+    )
+    norms = ups.norms()  # (K,) NaN outside the sample
+    honest_active = [k for k in active if not contaminated[k]]
+    last = round_ + 1 == wl.rounds
     every = wl.lw.eval_every
-    due = round_ + 1 == wl.rounds or (every > 0 and (round_ + 1) % every == 0)
-    t1 = time.perf_counter()
-    honest = [k for k in active if k not in contamination.attack]
-    metrics = nan_metrics(K)
-    if due and evaluate:
-        metrics = wl.evaluate_clients(trial, honest, {}, dict.fromkeys(honest, glob))
-    eval_s = time.perf_counter() - t1
-    flagged, reason = non_finite_flags(reported, valid)
+    due = last or (every > 0 and (round_ + 1) % every == 0)
+    eval_ids = [k for k in range(K) if not contaminated[k]] if last else honest_active
+    method_seed = seeds.derive_seed(cfg.seed, seeds.METHOD, trial, round_)
+    n_att = attacks.assumed_attackers(
+        cfg.aggregation.assumed_fraction, cfg.contamination.fraction, len(active)
+    )
     for method in group.methods:
-        if due and not evaluate:
-            plan[method] = {"corr": {}, "shared": glob, "adapters": {}, "clients": honest}
+        t0 = time.perf_counter()
+        flagged, reason = non_finite_flags(reported, valid)
+        mstate = None if prev is None else prev[method]
+        nxt, fl, why = _next_state(
+            wl, method, mstate, ups, own, starts, attacked, active, honest_active, method_seed, n_att
+        )
+        for k in fl:
+            flagged[k], reason[k] = True, why.get(k, method)
+        agg_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        metrics = nan_metrics(K)
+        if due:
+            zero = _zero_adapter(ups)
+            adapters = {k: trajectory.start_of(nxt, k) or zero for k in eval_ids}
+            if evaluate:
+                metrics = wl.evaluate_clients(trial, eval_ids, nxt["corr"], adapters)
+            else:
+                plan[method] = {
+                    "corr": nxt["corr"],
+                    "shared": None,
+                    "adapters": adapters,
+                    "clients": eval_ids,
+                }
         out.methods[method] = MethodRound(
             flagged=flagged,
             reason=reason,
-            detectable=np.zeros(K, dtype=bool),
-            dropped=~reported,
+            detectable=detectable,
+            dropped=in_sample & ~reported,
             update_norm=norms,
-            metrics=dict(metrics),
+            metrics=metrics,
             agg_s=agg_s,
-            eval_s=eval_s,
+            eval_s=time.perf_counter() - t1,
         )
-        out.nexts[method] = glob
+        if not last:
+            out.nexts[method] = nxt
+
+
+def _zero_adapter(ups: ModuleUpdates) -> Factors:
+    """An adapter whose product is 0 (a client that never trained under ``local``)."""
+    return {n: (np.zeros((ups.shape(n)[0], 1)), np.zeros((1, ups.shape(n)[1]))) for n in ups.names}
+
+
+def _next_state(
+    wl: LoRAWorkload,
+    method: str,
+    state: trajectory.RoundState | None,
+    ups: ModuleUpdates,
+    own: list[Factors],
+    starts: list[Factors | None],
+    attacked: set[int],
+    active: list[int],
+    honest: list[int],
+    seed: int,
+    n_attackers: int,
+) -> tuple[trajectory.RoundState, list[int], dict[int, str]]:
+    """A method's next trajectory state from the round's updates; (state, flagged, reasons).
+
+    - ``local``: every client that sent an update keeps its own adapter (no aggregation);
+    - ``fedavg``: FedIT, the mean of the B's and of the A's of the clients' adapters. An update attacker
+      must send a rank-r adapter too: the best rank-r approximation of start + its attacked update;
+    - every other method: its aggregate of the round updates (``run_method`` with refinement 0: CLAIR's
+      robust mean over the detected-honest clients, the oracle's over the true honest ones, a baseline's
+      robust aggregate), added to the global product (:func:`~clair_ray.workloads.lora.trajectory.advance`).
+    """
+    r = wl.lw.r
+    if method == "local":
+        # Clients never sampled start from peft's initialisation (shared None).
+        nxt = {"corr": {}, "shared": None, "personal": {}, "history": {}} if state is None else dict(state)
+        personal = dict(nxt.get("personal") or {})
+        personal.update({k: own[k] for k in active if k not in attacked})
+        for k in attacked & set(active):
+            personal[k] = _attacker_adapter(ups, k, starts[k], r)
+        return {**nxt, "personal": personal}, [], {}
+    if method == "fedavg":
+        adapters = [_attacker_adapter(ups, k, starts[k], r) if k in attacked else own[k] for k in active]
+        return trajectory.fedit(state, adapters), [], {}
+    cfg = wl.cfg
+    history = {} if state is None else state.get("history", {})
+    quarantine = cfg.aggregation.quarantine if method == "clair" else None
+    exclude = frozenset(_quarantined(quarantine, history, active))
+    corr, _, fl, why = run_method(
+        method,
+        ups,
+        own,
+        [{}] * wl.K,
+        active,
+        honest,
+        **_config_args(wl),
+        n_attackers=n_attackers,
+        seed=seed,
+        refine=0,
+        exclude=exclude,
+    )
+    nxt = trajectory.advance(state, corr, r)
+    if method == "clair":
+        fl_set = set(fl)
+        hist = {k: list(v) for k, v in history.items()}
+        for k in active:
+            hist.setdefault(k, []).append(k in fl_set)
+        nxt["history"] = hist
+        q = cfg.aggregation.quarantine
+        for k in sorted(exclude - fl_set):
+            fl.append(k)
+            why[k] = f"quarantine: flagged in >= {q['q']} of its last {q['m']} rounds"  # type: ignore[index]
+        fl.sort()
+    return nxt, fl, why
+
+
+def _quarantined(q: dict[str, int] | None, history: dict[int, list[bool]], active: list[int]) -> list[int]:
+    """Clients CLAIR flagged in at least q of the last m rounds they took part in."""
+    if not q:
+        return []
+    return [k for k in active if sum(history.get(k, [])[-q["m"] :]) >= q["q"]]
+
+
+def _attacker_adapter(ups: ModuleUpdates, k: int, start: Factors | None, r: int) -> Factors:
+    """The rank-r adapter closest to start + client k's (attacked) round update, per module."""
+    out: Factors = {}
+    for n in ups.names:
+        b, a = ups.pairs[n][k]
+        total = b @ a if start is None else b @ a + trajectory.adapter_product(start, n)
+        out[n] = trajectory.rank_r(total, r)[0]
+    return out
 
 
 def _attack_updates(
     wl: LoRAWorkload, trial: int, round_: int, ups: ModuleUpdates, finite: np.ndarray
-) -> None:
-    """Update attacks, per module, after every honest update exists (ALIE and IPM are omniscient); they
-    act on dense updates, and the server then holds an exact factorisation of each attacked one."""
+) -> set[int]:
+    """Update attacks, per module, after every honest update exists (ALIE and IPM are omniscient over the
+    round's honest updates); they act on dense updates, and the server then holds an exact factorisation
+    of each attacked one. Returns the attacked clients."""
     contamination, K = wl.contamination(trial), wl.K
     honest_ids = [k for k in range(K) if finite[k] and k not in contamination.attack]
     ctx = attacks.AttackContext(K, len(contamination.contaminated), wl.lw.r)
+    done: set[int] = set()
     for k, kind in contamination.update_attackers().items():
         if not finite[k]:
             continue
+        done.add(k)
         g = seeds.torch_generator(seeds.derive_seed(wl.cfg.seed, seeds.ATTACK, trial, round_, k))
         params = wl.cfg.contamination.params.get(kind, {})
         for n in ups.names:
             dense = ups.dense(n)
             honest = dense[honest_ids] if honest_ids else None
             ups.set_dense(n, k, attacks.apply_update_attack(kind, dense[k].clone(), honest, g, ctx, **params))
+    return done
 
 
 def _one_shot(
@@ -194,10 +341,7 @@ def _one_shot(
             own_early,
             active,
             honest_eval,
-            rank=wl.rank,
-            side=wl.lw.side,
-            clair_mode=wl.lw.clair_input,
-            params=cfg.aggregation.params,
+            **_config_args(wl),
             n_attackers=n_att,
             seed=method_seed,
             refine=cfg.aggregation.refine,
@@ -223,6 +367,17 @@ def _one_shot(
             agg_s=agg_s,
             eval_s=time.perf_counter() - t1,
         )
+
+
+def _config_args(wl: LoRAWorkload) -> dict[str, Any]:
+    """``run_method``'s keyword arguments that come from the config."""
+    lw = wl.lw
+    return {
+        "rank": wl.rank,
+        "side": lw.side,
+        "clair_mode": lw.clair_input,
+        "params": wl.cfg.aggregation.params,
+    }
 
 
 def _in_subspace(kind: str) -> bool:

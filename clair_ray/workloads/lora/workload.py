@@ -28,8 +28,9 @@ What runs where:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +48,12 @@ from clair_ray.workloads.base import (
     Workload,
     check_fields,
 )
-from clair_ray.workloads.lora import rounds
+from clair_ray.workloads.lora import rounds, trajectory
 from clair_ray.workloads.lora.loop import adamw_steps, batch_order
 from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
 from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig
+from clair_ray.workloads.lora.trajectory import RoundState
 
 if TYPE_CHECKING:
     from clair_ray.config import ExperimentConfig
@@ -88,6 +90,7 @@ class LoRAWorkload(Workload):
         *REFINE_COLUMNS,
     )
     own_methods = OWN_METHODS
+    supports_sampling = True
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -101,7 +104,7 @@ class LoRAWorkload(Workload):
         self._init_state: dict[str, torch.Tensor] | None = None
         # The resident peft model (train_one, the plain-peft reference): every use loads its adapter.
         self._peft: Any = None
-        self._eval_grouped: Any = None  # (grouped model, pristine base weights) for evaluation
+        self._originals: dict[str, torch.Tensor] | None = None  # pristine base weights (corrections)
 
     @classmethod
     def methods(cls) -> tuple[str, ...]:
@@ -115,8 +118,7 @@ class LoRAWorkload(Workload):
         lw, methods, rank = cfg.workload.lora, cfg.aggregation.methods, cfg.aggregation.rank  # type: ignore[attr-defined]
         name = cfg.workload.name
         multi = cfg.workload.mode == "multi_round"
-        upd = [k for k, v in cfg.contamination.mix.items() if v > 0 and not k.startswith("data_")]
-        bad = [m for m in methods if m != "fedavg"]
+        bad = [m for m in methods if m == "local_early"]
         # Ray hides every GPU from an actor that reserved none.
         gpu_ok = lw.device != "cuda" or cfg.engine.actor_num_gpus > 0
         check_fields(
@@ -138,7 +140,7 @@ class LoRAWorkload(Workload):
                     not multi or not bad,
                     "methods",
                     list(methods),
-                    f"{name} in multi_round mode runs ['fedavg'] only (got {bad})",
+                    f"{name}: local_early is one-shot only (the early snapshot of a single round)",
                 ),
                 (
                     rank is not None or not needs_rank,
@@ -157,13 +159,13 @@ class LoRAWorkload(Workload):
             ],
         )
         check_fields(
-            "contamination",
+            "aggregation",
             [
                 (
-                    not multi or not upd,
-                    "mix",
-                    dict(cfg.contamination.mix),
-                    f"{name} in multi_round mode takes data attacks only (got {upd})",
+                    cfg.aggregation.quarantine is None or (multi and "clair" in methods),
+                    "quarantine",
+                    cfg.aggregation.quarantine,
+                    "needs workload.mode=multi_round and method clair (a flag history over rounds)",
                 )
             ],
         )
@@ -282,16 +284,18 @@ class LoRAWorkload(Workload):
         return gm.state_from_factors(start)
 
     def _train_group(
-        self, trial: int, jobs: list[ClientJob], start: Factors | None
+        self, trial: int, jobs: list[ClientJob], start: RoundState | None
     ) -> tuple[list, list | None, np.ndarray]:
-        """Trains G clients together; returns (final factors, early factors or None, (G,) last losses)."""
+        """Trains G clients together, each from its start in the trajectory ``start`` (None: the common
+        initialisation) on the base plus the trajectory's shared correction; returns (final factors, early
+        factors or None, (G,) last losses)."""
         gm = self._resident()
         device = next(gm.model.parameters()).device
         lw = self.lw
         ids, labels, mask = self._steps_batches(trial, jobs)
         ids, labels = ids.to(device), labels.to(device)
         mask = None if mask is None else mask.to(device)
-        gm.load_clients([self._start_state(gm, start)] * len(jobs))
+        gm.load_clients([self._start_state(gm, trajectory.start_of(start, j.client_id)) for j in jobs])
         gm.model.train()
         early: list | None = None
 
@@ -303,7 +307,8 @@ class LoRAWorkload(Workload):
             if done == lw.early_steps and not self.multi_round:
                 early = [gm.client_factors(g) for g in range(len(jobs))]
 
-        losses = adamw_steps(gm.parameters(), step_losses, lw.steps, lw.lr, after_step=snapshot)
+        with self._corrected_base({} if start is None else start.get("corr", {})):
+            losses = adamw_steps(gm.parameters(), step_losses, lw.steps, lw.lr, after_step=snapshot)
         final = [gm.client_factors(g) for g in range(len(jobs))]
         return final, early, losses[-1].numpy()
 
@@ -344,7 +349,9 @@ class LoRAWorkload(Workload):
             trial: Trial index.
             round_: Round index.
             jobs: The clients, in client-id order.
-            start: Multi-round mode: the round's global adapter (None: the common initialisation).
+            start: Multi-round mode: the trajectory's state
+                (:data:`~clair_ray.workloads.lora.trajectory.RoundState`: shared correction, global adapter,
+                personal adapters); None: the common initialisation.
 
         Returns:
             The payload ``{"final": StackedFactors, "early": StackedFactors or None}`` over the batch and
@@ -422,15 +429,30 @@ class LoRAWorkload(Workload):
         res = self.evaluate_clients(trial, ids, {}, dict.fromkeys(ids, factors))
         return float(np.mean(res["test_loss"][ids]))
 
-    def _eval_grouped_model(self) -> Any:
-        """The resident grouped model (the one clients train on) and a pristine copy of its base weights."""
+    @contextlib.contextmanager
+    def _corrected_base(self, corr: dict[str, np.ndarray]) -> Iterator[Any]:
+        """The resident grouped model with a shared dense correction added to its base weights, restored
+        from a pristine copy afterwards (so nothing accumulates between methods or rounds)."""
         from clair_ray.workloads.lora import adapters as lora
 
-        if self._eval_grouped is None:
-            gm = self._resident()
-            originals = {n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()}
-            self._eval_grouped = (gm, originals)
-        return self._eval_grouped
+        gm = self._resident()
+        if self._originals is None:
+            self._originals = {
+                n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()
+            }
+        originals = self._originals
+        try:
+            with torch.no_grad():
+                for n, layer in gm.layers.items():
+                    w = lora.linear_weight(layer.base)  # (out, in) view
+                    w.copy_(originals[n])
+                    if n in corr:  # a copy: plan arrays are read-only
+                        w.add_(torch.as_tensor(np.array(corr[n]), dtype=w.dtype, device=w.device))
+            yield gm
+        finally:
+            with torch.no_grad():
+                for n, layer in gm.layers.items():
+                    lora.linear_weight(layer.base).copy_(originals[n])
 
     @torch.no_grad()
     def evaluate_clients(
@@ -440,26 +462,17 @@ class LoRAWorkload(Workload):
         adapter, :func:`~clair_ray.workloads.lora.adapters.evaluate_lm`'s metrics for many clients per
         forward (the one evaluation path).
 
-        The shared correction is added to the resident base weights (restored from a pristine copy
-        afterwards, so nothing accumulates between methods); each client's adapter, zero-padded to the
+        The shared correction is added to the resident base weights (:meth:`_corrected_base`); each
+        client's adapter, zero-padded to the
         LoRA rank, is one group (:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate`).
         """
-        from clair_ray.workloads.lora import adapters as lora
         from clair_ray.workloads.lora.grouped import grouped_evaluate
 
         res = nan_metrics(self.K)
         if not clients:
             return res
-        gm, originals = self._eval_grouped_model()
         r = self.spec.r
-        try:
-            for n, layer in gm.layers.items():
-                w = lora.linear_weight(layer.base)  # (out, in) view
-                w.copy_(originals[n])
-                if n in corr:
-                    w.add_(
-                        torch.as_tensor(np.array(corr[n]), dtype=w.dtype)
-                    )  # a copy: plan arrays are read-only
+        with self._corrected_base(corr) as gm:
             for c0 in range(0, len(clients), EVAL_GROUP):
                 chunk = clients[c0 : c0 + EVAL_GROUP]
                 states = []
@@ -476,9 +489,6 @@ class LoRAWorkload(Workload):
                 for j, k in enumerate(chunk):
                     for name, key in EVAL_METRICS.items():
                         res[name][k] = out[j][key]
-        finally:
-            for n, layer in gm.layers.items():
-                lora.linear_weight(layer.base).copy_(originals[n])
         return res
 
     def evaluate_batch(self, trial: int, plan: Any, clients: list[int]) -> dict[str, dict[str, Any]]:

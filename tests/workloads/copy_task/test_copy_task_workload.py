@@ -48,8 +48,23 @@ def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path)
         small(tmp_path, copy_cache, "workload.lora.side=diagonal")
     with pytest.raises(ConfigError, match=r"workload\.lora\.clair_input='sparse'"):
         small(tmp_path, copy_cache, "workload.lora.clair_input=sparse")
-    with pytest.raises(ConfigError, match=r"aggregation\.methods=.*multi_round mode runs \['fedavg'\]"):
+    with pytest.raises(ConfigError, match=r"aggregation\.methods=.*local_early is one-shot only"):
         small(tmp_path, copy_cache, "workload.mode=multi_round")
+    with pytest.raises(ConfigError, match=r"aggregation\.quarantine=.*needs workload\.mode=multi_round"):
+        small(tmp_path, copy_cache, "aggregation.quarantine={q: 1, m: 2}")
+    with pytest.raises(ConfigError, match=r"aggregation\.quarantine=.*1 <= q <= m"):
+        small(tmp_path, copy_cache, "aggregation.quarantine={q: 3, m: 2}")
+    with pytest.raises(ConfigError, match=r"workload\.clients_per_round=4: client sampling needs mode"):
+        small(tmp_path, copy_cache, "workload.clients_per_round=4")
+    with pytest.raises(ConfigError, match=r"engine\.min_clients=5: must be <= workload\.clients_per_round=4"):
+        small(
+            tmp_path,
+            copy_cache,
+            "workload.mode=multi_round",
+            "aggregation.methods=[fedavg]",
+            "workload.clients_per_round=4",
+            "engine.min_clients=5",
+        )
     with pytest.raises(ConfigError, match=r"workload\.lora\.early_steps=99"):
         small(tmp_path, copy_cache, "workload.lora.early_steps=99")
     with pytest.raises(ConfigError, match=r"engine\.actor_num_gpus=0\.0"):
@@ -144,7 +159,7 @@ def test_train_one_equals_grouped_from_a_global_start(tmp_path: Path, copy_cache
     first = [wl.train_one(0, 0, k)[0] for k in range(3)]
     glob = fedavg_factors(first)
     jobs = [ClientJob(k, seeds.derive_seed(cfg.seed, seeds.TRAIN, 0, 1, k)) for k in range(3)]
-    grouped = wl.train_batch(0, 1, jobs, glob).payload
+    grouped = wl.train_batch(0, 1, jobs, {"corr": {}, "shared": glob, "personal": {}}).payload
     assert grouped["early"] is None  # no early-stopped baseline in multi-round mode
     for k in range(3):
         ref, loss = wl.train_one(0, 1, k, start=glob)
@@ -302,21 +317,25 @@ def test_grouped_evaluation_equals_peft_evaluation(tmp_path: Path, copy_cache: P
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_multi_round_fedavg_resumes_to_the_same_results(tmp_path: Path, copy_cache: Path) -> None:
-    """Multi-round LoRA FedAvg on Ray: the global adapter improves, and a crash + resume changes nothing."""
+def test_multi_round_sampled_resumes_to_the_same_results(tmp_path: Path, copy_cache: Path) -> None:
+    """Multi-round LoRA on Ray with a sample of the clients each round, an update attack and several
+    methods: a crash + resume on another actor count changes nothing."""
     from clair_ray.engine import EngineError, run_experiment
 
     multi = [
         "workload.mode=multi_round",
         "workload.rounds=3",
+        "workload.clients_per_round=6",
         "workload.lora.eval_every=1",
-        "aggregation.methods=[fedavg]",
-        "contamination.mix.sign_flip=0.0",
+        "aggregation.methods=[clair,fedavg,local,median]",
     ]
     full = run_experiment(small(tmp_path / "full", copy_cache, *multi))
-    loss = full.summary.set_index("round")["honest_mean_test_loss"]
-    assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
+    s = full.summary
+    assert sorted(s["round"].unique()) == [0, 1, 2] and (s["n_sampled"] == 6).all()
+    assert s["honest_mean_test_loss"].notna().all()
+    assert (full.clients.groupby(["method", "round"])["sampled"].sum() == 6).all()
     assert set(full.rounds.columns) >= {"round_s", "client_compute_s", "agg_s", "eval_s", "orchestration_s"}
+    assert (full.rounds["clients"] == 6).all()
     with pytest.raises(EngineError, match="debug_stop_after_round"):
         run_experiment(small(tmp_path / "crash", copy_cache, *multi, "engine.debug_stop_after_round=0"))
     resumed = run_experiment(

@@ -1,0 +1,133 @@
+"""Multi-round LoRA without Ray: trajectory math, client sampling, every method over rounds, quarantine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from round_helpers import flat, run_rounds
+
+from clair_ray import seeds
+from clair_ray.config import load_config
+from clair_ray.workloads import get_workload
+from clair_ray.workloads.lora import rounds, trajectory
+from clair_ray.workloads.lora.methods import fedavg_factors
+
+REPO = Path(__file__).resolve().parents[3]
+SMALL = REPO / "configs" / "copy_task_small.yaml"
+EVERY = "[clair,fedavg,fedavg_exact,fedavg_honest,oracle,local,median,trimmed_mean,geometric_median]"
+
+
+def rng_factors(rng: np.random.Generator, r: int = 3) -> trajectory.Factors:
+    return {"m": (rng.normal(size=(6, r)), rng.normal(size=(r, 5)))}
+
+
+def test_round_pairs_and_advance_are_exact() -> None:
+    rng = np.random.default_rng(0)
+    start, final = rng_factors(rng), rng_factors(rng)
+    pair = trajectory.round_pairs(final, start)["m"]
+    assert pair[0].shape == (6, 6) and pair[1].shape == (6, 5)  # rank <= 2r
+    np.testing.assert_allclose(
+        pair[0] @ pair[1], final["m"][0] @ final["m"][1] - start["m"][0] @ start["m"][1]
+    )
+    assert trajectory.round_pairs(final, None) == final  # from peft's start (product 0)
+    state = {"corr": {"m": rng.normal(size=(6, 5))}, "shared": start, "personal": {}}
+    m = rng.normal(size=(6, 5))  # a full-rank aggregate: the rank-3 adapter cannot hold it all
+    nxt = trajectory.advance(state, {"m": m}, 3)
+    b, a = nxt["shared"]["m"]
+    assert b.shape == (6, 3) and a.shape == (3, 5)
+    np.testing.assert_allclose(a @ a.T, np.eye(3), atol=1e-12)  # orthonormal rows, like a fresh A's scale
+    before = state["corr"]["m"] + start["m"][0] @ start["m"][1] + m
+    np.testing.assert_allclose(nxt["corr"]["m"] + b @ a, before, atol=1e-12)  # nothing lost
+    # The best rank-3 part is kept in the adapter (the correction is what rank 3 cannot hold).
+    s = np.linalg.svd(before - state["corr"]["m"], compute_uv=False)
+    np.testing.assert_allclose(np.linalg.norm(nxt["corr"]["m"] - state["corr"]["m"]), np.linalg.norm(s[3:]))
+    # FedIT: the mean of the B's and of the A's, the correction carried over.
+    two = [rng_factors(rng), rng_factors(rng)]
+    fit = trajectory.fedit(state, two)
+    np.testing.assert_allclose(fit["shared"]["m"][0], (two[0]["m"][0] + two[1]["m"][0]) / 2)
+    np.testing.assert_allclose(fit["corr"]["m"], state["corr"]["m"])
+    assert fit["shared"]["m"][0].shape == fedavg_factors(two)["m"][0].shape
+    assert trajectory.start_of(None, 3) is None
+    assert trajectory.start_of({"shared": start, "personal": {3: final}}, 3) is final
+    assert trajectory.start_of({"shared": start, "personal": {3: final}}, 4) is start
+
+
+def test_client_sample_is_seeded_sorted_and_per_round() -> None:
+    a = seeds.sample_clients(0, 0, 1, 100, 20)
+    assert a == seeds.sample_clients(0, 0, 1, 100, 20) and a == sorted(a) and len(set(a)) == 20
+    assert a != seeds.sample_clients(0, 0, 2, 100, 20) and a != seeds.sample_clients(0, 1, 1, 100, 20)
+    assert seeds.sample_clients(0, 0, 1, 100, 0) == list(range(100))
+    assert seeds.sample_clients(0, 0, 1, 10, 10) == list(range(10))
+
+
+def test_quarantine_counts_the_last_m_rounds_a_client_took_part_in() -> None:
+    hist = {1: [True, True, False], 2: [True, False, False], 3: [False, True, True]}
+    assert rounds._quarantined({"q": 2, "m": 3}, hist, [1, 2, 3, 4]) == [1, 3]
+    assert rounds._quarantined({"q": 2, "m": 2}, hist, [1, 2, 3]) == [3]
+    assert rounds._quarantined(None, hist, [1, 2, 3]) == []
+
+
+@pytest.fixture(scope="module")
+def copy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("copy-cache")
+
+
+def multi(tmp: Path, cache: Path, *overrides: str):
+    return load_config(
+        SMALL,
+        [
+            f"output_dir={tmp}",
+            f"workload.cache_dir={cache}",
+            "workload.mode=multi_round",
+            "workload.rounds=3",
+            f"aggregation.methods={EVERY}",
+            *overrides,
+        ],
+    )
+
+
+def test_every_method_over_sampled_rounds_with_update_attacks(tmp_path: Path, copy_cache: Path) -> None:
+    """Sampled rounds, a data and an in-subspace update attack: every method runs every round; clients
+    outside the sample have no update and no flag; the last round evaluates every honest client."""
+    cfg = multi(tmp_path, copy_cache, "workload.clients_per_round=6", "workload.lora.eval_every=2")
+    wl = get_workload(cfg)
+    wl.prepare()
+    outs = run_rounds(wl)
+    prob = wl.contamination(0)
+    honest = [k for k in range(wl.K) if k not in prob.attack]
+    for r, out in enumerate(outs):
+        sample = seeds.sample_clients(cfg.seed, 0, r, wl.K, 6)
+        outside = [k for k in range(wl.K) if k not in sample]
+        for method, m in flat(out).items():
+            assert np.isfinite(m["update_norm"][sample]).all() and np.isnan(m["update_norm"][outside]).all()
+            assert not m["flagged"][outside].any() and not m["dropped"].any(), method
+            evaluated = np.flatnonzero(np.isfinite(m["test_loss"])).tolist()
+            if r == 2:  # the last round: every honest client
+                assert evaluated == honest, method
+            elif r == 1:  # eval_every=2: the round's sampled honest clients
+                assert evaluated == [k for k in sample if k in honest], method
+            else:
+                assert evaluated == [], method
+        assert set(out.nexts) == (set() if r == 2 else set(cfg.aggregation.methods))
+    last = flat(outs[-1])
+    # local keeps each client's own adapter: the others' evaluation changes nothing for it.
+    assert set(outs[1].nexts["local"]["personal"]) >= set(seeds.sample_clients(cfg.seed, 0, 0, wl.K, 6))
+    assert outs[1].nexts["fedavg"]["corr"] == {}  # FedIT never needs a correction
+    # The exact mean and FedIT's mean of factors are different matrices (different trajectories).
+    assert last["fedavg"]["test_loss"][honest[0]] != last["fedavg_exact"]["test_loss"][honest[0]]
+    assert "history" in outs[1].nexts["clair"]
+
+
+def test_a_methods_trajectory_does_not_depend_on_the_others(tmp_path: Path, copy_cache: Path) -> None:
+    cfg = multi(tmp_path, copy_cache, "workload.clients_per_round=7")
+    wl = get_workload(cfg)
+    wl.prepare()
+    both = run_rounds(wl, methods=["clair", "fedavg", "local"])
+    alone = run_rounds(get_workload(cfg), methods=["clair"])
+    for a, b in zip(both, alone, strict=True):
+        fa, fb = flat(a)["clair"], flat(b)["clair"]
+        np.testing.assert_array_equal(fa["flagged"], fb["flagged"])
+        np.testing.assert_array_equal(fa["update_norm"], fb["update_norm"])
+        np.testing.assert_array_equal(fa["test_loss"], fb["test_loss"])
