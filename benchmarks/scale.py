@@ -8,6 +8,10 @@ one setting's peak memory is not another's. Settings:
   steps, 50 clients per actor call trained in one grouped forward/backward, evaluation after the last
   round only. The first round includes loading the base model into the actors and is reported apart;
   the "steady" numbers are the mean over the later rounds.
+* copy task with ``--sample n``: n clients sampled per round (``workload.clients_per_round``) wherever K
+  is larger, so K = 100 and K = 1000 train the same number of clients per round; the growth check then
+  compares the round's training + aggregation time (evaluation after the last round covers every client
+  and is left out), which should follow the sample, not K.
 * linear (``configs/bench_scale_linear.yaml``): one-shot, FedAvg and CLAIR (fast solver) on the same
   round's updates, 500 clients per actor call. One round, so its "steady" round is that round.
 
@@ -36,6 +40,7 @@ Usage::
     python benchmarks/scale.py [--copy-clients 100 1000] [--linear-clients 1000 10000] [--json out.json]
     python benchmarks/scale.py --quick                         # copy K=100, linear K=1000 (a few minutes)
     python benchmarks/scale.py --copy-clients 1000 --copy-override workload.lora.steps=5
+    python benchmarks/scale.py --copy-clients 100 1000 --sample 100 --linear-clients  # sampled rounds
     python benchmarks/scale.py --report out.json                 # reprint the tables of a saved run
 """
 
@@ -319,10 +324,14 @@ def summarize_rounds(rounds: pd.DataFrame, gaps: list[float] | None = None) -> d
     orch = float(steady["orchestration_s"].mean())
     orch_train = float((steady["train_wall_s"] - steady["client_compute_s"]).mean())
     orch_agg = float((steady["round_s"] - steady["train_wall_s"] - steady["agg_s"] - steady["eval_s"]).mean())
-    K = int(r["clients"].iloc[0])
+    K = int(r["clients"].iloc[0])  # the clients that trained per round (the sample, when sampling)
     total = mean["round_s"]
+    train_agg = float((steady["round_s"] - steady["eval_s"]).mean())
     out: dict[str, Any] = {
         "K": K,
+        "sampled": K,
+        "train_agg_s": train_agg,
+        "train_agg_per_client_ms": 1e3 * train_agg / K,
         "rounds": len(r),
         "first_round_s": float(r["round_s"].iloc[0]),
         "steady_rounds": len(steady),
@@ -389,8 +398,9 @@ def format_setting(s: dict[str, Any]) -> str:
     )
     lines.append(f"    peak RSS (RssAnon) by role, GiB: {roles}")
     lines.append(
-        f"  update payload per client {s['bytes_per_client'] / 1024:.1f} KiB; checkpoint file "
-        f"{s['checkpoint_bytes'] / 2**20:.1f} MiB (rewritten after every round)"
+        f"  update payload per client {s['bytes_per_client'] / 1024:.1f} KiB; checkpoint state "
+        f"{s['checkpoint_bytes'] / 2**20:.2f} MiB (rewritten after every round) + "
+        f"{s.get('rows_bytes_per_round', 0.0) / 2**10:.1f} KiB of result rows per round"
     )
     return "\n".join(lines)
 
@@ -413,6 +423,13 @@ def growth_check(settings: list[dict[str, Any]]) -> list[str]:
             c_ratio = s.get("client_cpu_ms_per_client", float("nan")) / base.get(
                 "client_cpu_ms_per_client", float("nan")
             )
+            if s.get("sampled", s["K"]) != s["K"] or base.get("sampled", base["K"]) != base["K"]:
+                ratio = s["train_agg_per_client_ms"] / base["train_agg_per_client_ms"]
+                lines.append(
+                    f"  {wl:<9} K = {s['K']:>6}, {s['sampled']} sampled per round: training + aggregation "
+                    f"{s['train_agg_s']:.2f} s per round, {s['train_agg_per_client_ms']:.2f} ms per sampled "
+                    f"client, x{ratio:.2f} vs K = {base['K']} ({base['sampled']} per round)"
+                )
             lines.append(
                 f"  {wl:<9} K = {s['K']:>6}: {s['per_client_ms']:8.2f} ms per client, "
                 f"x{t_ratio:.2f} vs K = {base['K']} (K x{s['K'] / base['K']:.0f}; "
@@ -478,7 +495,16 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         sampler.stop()
     run_wall = time.perf_counter() - t_start
-    ckpt = Path(cfg.output_dir) / "checkpoint.pkl"
+    ckpt = Path(cfg.output_dir) / "checkpoint"
+    state = ckpt / "state.json"
+    # What one checkpoint write costs: the state and its arrays (what clients continue from), and the
+    # round's rows (one file per round; neither grows with the number of rounds).
+    state_bytes = (
+        state.stat().st_size + sum(p.stat().st_size for p in ckpt.glob("starts-*.npz"))
+        if state.exists()
+        else 0
+    )
+    parts = list((ckpt / "rows").glob("*.parquet"))
     return {
         "workload": spec["workload"],
         "K": spec["K"],
@@ -488,7 +514,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "run_wall_s": run_wall,
         "memory": sampler.summary(),
         "bytes_per_client": float(res.clients["bytes_sent"].mean()) if len(res.clients) else 0.0,
-        "checkpoint_bytes": ckpt.stat().st_size if ckpt.exists() else 0,
+        "checkpoint_bytes": state_bytes,
+        "rows_bytes_per_round": sum(p.stat().st_size for p in parts) / len(parts) if parts else 0.0,
     }
 
 
@@ -503,6 +530,8 @@ def summarize_setting(raw: dict[str, Any]) -> dict[str, Any]:
     out = summarize_rounds(rounds, between_rounds(raw["round_ends"], rounds["round_s"].tolist()))
     for key in ("workload", "run_wall_s", "memory", "bytes_per_client", "checkpoint_bytes"):
         out[key] = raw[key]
+    out["K"] = raw["K"]  # the federation; ``sampled`` is who trained per round
+    out["rows_bytes_per_round"] = raw.get("rows_bytes_per_round", 0.0)
     # The first round's CPU includes starting Ray and the actors (the first snapshot precedes ray.init), so
     # a one-round setting has no CPU figure.
     steady = cpu_per_round(raw.get("round_cpu", []))[1:]
@@ -556,6 +585,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-override", action="append", default=[], help="key=value for the copy task")
     parser.add_argument("--linear-override", action="append", default=[], help="key=value for linear")
     parser.add_argument("--quick", action="store_true", help="copy K=100 and linear K=1000 only")
+    parser.add_argument(
+        "--sample", type=int, default=0,
+        help="copy task: clients sampled per round (workload.clients_per_round; all where K is smaller)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     parser.add_argument("--report", type=Path, default=None, help="reprint the tables of a --json file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -581,7 +614,10 @@ def main(argv: list[str] | None = None) -> None:
             "workload": "copy_task",
             "K": k,
             "config": str(CONFIGS["copy_task"]),
-            "overrides": list(args.copy_override),
+            "overrides": [
+                *([f"workload.clients_per_round={args.sample}"] if 0 < args.sample < k else []),
+                *args.copy_override,
+            ],
         }
         for k in copy_k
     ] + [

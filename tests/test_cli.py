@@ -156,7 +156,11 @@ def test_ctrl_c_writes_completed_rounds_and_says_how_to_resume(tmp_path: Path) -
     )
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and child.poll() is None and not (out / "checkpoint.pkl").exists():
+        while (
+            time.time() < deadline
+            and child.poll() is None
+            and not (out / "checkpoint" / "state.json").exists()
+        ):
             time.sleep(0.2)
         assert child.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.5)

@@ -5,7 +5,7 @@ goes to actor b mod A) to the client actors, waits for their small metadata (wit
 re-submits the batches of an actor that died (Ray restarts it, ``engine.max_restarts``), records clients
 that raised as dropouts (traceback in the log), checks ``engine.min_clients``, then passes the update
 references to the aggregator actor and turns its per-client metrics into result rows, in client-id order.
-A checkpoint is written after every round.
+A checkpoint (data only: Parquet, JSON, npz) is written after every round.
 """
 
 from __future__ import annotations
@@ -521,7 +521,7 @@ class Runner:
             if ck is not None:
                 if ck.fingerprint != fp:
                     raise EngineError(
-                        f"resume=true but {self.out_dir / checkpoint.FILENAME} was written by a "
+                        f"resume=true but {self.out_dir / checkpoint.DIRNAME} was written by a "
                         f"different config (only output/engine/ray settings may change)"
                     )
                 trial0, round0 = ck.next_position()
@@ -577,17 +577,20 @@ class Runner:
     def _checkpoint(self, fp: dict, trial: int, round_: int, rounds: int, starts_ref: Any) -> None:
         last = round_ + 1 >= rounds
         if self.cfg.engine.checkpoint:
+            methods = list(self.cfg.aggregation.methods)
+            checkpoint.write_round(
+                self.out_dir,
+                trial,
+                round_,
+                self.rows[self._done_rows :],
+                {m: self.extras[(trial, m, round_)] for m in methods},
+                results.client_schema(self.columns),
+            )
             starts = None if last else dict(ray.get(starts_ref, timeout=self.timeout))
             checkpoint.save(
                 self.out_dir,
                 checkpoint.Checkpoint(
-                    fingerprint=fp,
-                    trial=trial,
-                    round=round_,
-                    rounds=rounds,
-                    starts=starts,
-                    client_rows=list(self.rows),
-                    extras=dict(self.extras),
+                    fingerprint=fp, trial=trial, round=round_, rounds=rounds, starts=starts
                 ),
             )
         self._done, self._done_rows = (trial, round_), len(self.rows)

@@ -156,7 +156,7 @@ def test_resume_after_a_crash_gives_the_same_results(tmp_path: Path) -> None:
     assert sorted(full.summary["round"].unique()) == [0, 1, 2]
     with pytest.raises(EngineError, match="debug_stop_after_round"):
         run_experiment(_small(tmp_path / "crash", *multi, "engine.debug_stop_after_round=1"))
-    assert (tmp_path / "crash" / "checkpoint.pkl").exists()
+    assert (tmp_path / "crash" / "checkpoint" / "state.json").exists()
     resumed = run_experiment(_small(tmp_path / "crash", *multi, "resume=true", "engine.num_actors=1"))
     assert_same_results(full, resumed)
     # a checkpoint from a different experiment is refused

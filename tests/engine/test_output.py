@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from clair_ray.config import load_config
@@ -70,33 +72,86 @@ def test_a_run_refuses_a_directory_another_run_holds(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
 
 
-def _ckpt(round_: int) -> checkpoint.Checkpoint:
-    return checkpoint.Checkpoint(fingerprint={"seed": 0}, trial=0, round=round_, rounds=5, starts=None)
+def _ckpt(round_: int, starts: object = None) -> checkpoint.Checkpoint:
+    return checkpoint.Checkpoint(fingerprint={"seed": 0}, trial=0, round=round_, rounds=5, starts=starts)
+
+
+def _round(tmp_path: Path, round_: int) -> None:
+    schema = pa.schema([("round", pa.int32()), ("loss", pa.float64()), ("method", pa.string())])
+    rows = [{"round": round_, "loss": 0.5 + round_, "method": "clair"}]
+    checkpoint.write_round(tmp_path, 0, round_, rows, {"clair": {"agg_s": 0.1, "refine": "{}"}}, schema)
+
+
+def test_checkpoint_is_data_and_round_trips(tmp_path: Path) -> None:
+    """The payload (nested dicts with int and str keys, tuples, lists, None, numbers, arrays) comes back
+    equal; the files are JSON, Parquet and an npz that loads without pickle; rows are per round."""
+    starts = {
+        "clair": {"corr": {"m": np.arange(6.0).reshape(2, 3)}, "shared": None, "personal": {3: ({"x": 1},)}},
+        "local": [np.float32(2.5), 7, "s", True, (np.ones((1, 2), dtype=np.float32),)],
+    }
+    for r in range(3):
+        _round(tmp_path, r)
+        checkpoint.save(tmp_path, _ckpt(r, starts))
+    got = checkpoint.load(tmp_path)
+    assert got.round == 2 and got.next_position() == (0, 3)
+    np.testing.assert_array_equal(got.starts["clair"]["corr"]["m"], starts["clair"]["corr"]["m"])
+    assert got.starts["clair"]["personal"] == {3: ({"x": 1},)} and got.starts["clair"]["shared"] is None
+    assert got.starts["local"][:4] == [2.5, 7, "s", True] and got.starts["local"][4][0].dtype == np.float32
+    assert [row["loss"] for row in got.client_rows] == [0.5, 1.5, 2.5]
+    assert got.extras[(0, "clair", 1)] == {"agg_s": 0.1, "refine": "{}"}
+    d = tmp_path / checkpoint.DIRNAME
+    assert sorted(p.name for p in d.glob("starts-*.npz")) == [
+        "starts-t0000-r00001.npz",
+        "starts-t0000-r00002.npz",
+    ]
+    assert not list(tmp_path.rglob("*.pkl"))
+    json.loads((d / checkpoint.STATE).read_text())
+    with np.load(d / "starts-t0000-r00002.npz", allow_pickle=False) as z:
+        assert len(z.files) == 2  # the arrays; numbers and strings live in the JSON
+    # Rows written after the last state (a crash between the two) are not a completed round.
+    _round(tmp_path, 3)
+    assert (
+        len(checkpoint.load(tmp_path).client_rows) == 3 and not (d / "rows" / "t0000-r00003.parquet").exists()
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="cannot checkpoint a value of type"):
+        checkpoint.save(tmp_path, _ckpt(4, {"f": object()}))
+
+
+def test_a_pickled_checkpoint_is_never_loaded(tmp_path: Path) -> None:
+    (tmp_path / checkpoint.LEGACY).write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    with pytest.raises(checkpoint.CheckpointError, match="not loaded \\(unpickling can run code\\)"):
+        checkpoint.load(tmp_path)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
-    checkpoint.save(tmp_path, _ckpt(0))
-    checkpoint.save(tmp_path, _ckpt(1))
+    for r in range(2):
+        _round(tmp_path, r)
+        checkpoint.save(tmp_path, _ckpt(r))
     assert checkpoint.load(tmp_path).round == 1
-    path = tmp_path / checkpoint.FILENAME
+    path = tmp_path / checkpoint.DIRNAME / checkpoint.STATE
     path.write_bytes(path.read_bytes()[:20])  # truncated mid-write by a full disk, say
-    assert checkpoint.load(tmp_path).round == 0  # the previous one, with a warning
-    (tmp_path / checkpoint.PREVIOUS).write_bytes(b"garbage")
+    got = checkpoint.load(tmp_path)
+    assert got.round == 0 and len(got.client_rows) == 1  # the previous one, with a warning
+    (tmp_path / checkpoint.DIRNAME / checkpoint.PREVIOUS).write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot be read \(.*\) and there is no readable"):
         checkpoint.load(tmp_path)
 
 
 def test_failed_checkpoint_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _round(tmp_path, 0)
     checkpoint.save(tmp_path, _ckpt(0))
+    d = tmp_path / checkpoint.DIRNAME
+    before = sorted(p.name for p in d.iterdir())
 
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.pickle, "dump", full_disk)
+    monkeypatch.setattr(checkpoint.np, "savez", full_disk)
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
         checkpoint.save(tmp_path, _ckpt(1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.FILENAME]
+    assert sorted(p.name for p in d.iterdir()) == before
     monkeypatch.undo()
     assert checkpoint.load(tmp_path).round == 0
-    (tmp_path / "checkpoint.tmp").write_bytes(b"half")  # left by a killed writer: removed on load
-    assert checkpoint.load(tmp_path).round == 0 and not (tmp_path / "checkpoint.tmp").exists()
+    (d / ".state.json.tmp").write_bytes(b"half")  # left by a killed writer: removed on load
+    assert checkpoint.load(tmp_path).round == 0 and not (d / ".state.json.tmp").exists()
