@@ -513,7 +513,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "round_cpu": cpu,
         "run_wall_s": run_wall,
         "memory": sampler.summary(),
-        "bytes_per_client": float(res.clients["bytes_sent"].mean()) if len(res.clients) else 0.0,
+        # per client that trained (a client outside a round's sample sends nothing)
+        "bytes_per_client": float(res.clients[res.clients["sampled"]]["bytes_sent"].mean())
+        if len(res.clients)
+        else 0.0,
         "checkpoint_bytes": state_bytes,
         "rows_bytes_per_round": sum(p.stat().st_size for p in parts) / len(parts) if parts else 0.0,
     }

@@ -313,6 +313,10 @@ class ExperimentConfig:
             an ``output_dir`` that holds files (results are never silently replaced).
         tensorboard: Also write every round's summary metrics (per method) as TensorBoard event files to
             ``output_dir/tensorboard`` (``tensorboard --logdir OUTPUT_DIR/tensorboard``).
+        export_adapters: After each trial's last round, write every method's final models under
+            ``output_dir/adapters/trial<t>/<method>/`` (LoRA workloads: peft adapter directories that
+            ``PeftModel.from_pretrained`` loads, and the shared dense correction as
+            ``correction.safetensors``; README "Exported adapters").
         plugins: Python modules imported before the config is validated, in the driver and in every actor
             (each may register aggregators, attacks or workloads). Only the config file or command line
             a user gives names them; a results directory's saved config never imports anything.
@@ -330,6 +334,7 @@ class ExperimentConfig:
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = False
+    export_adapters: bool = False
     plugins: list[str] = field(default_factory=list)
     workload: WorkloadConfig = field(default_factory=LinearConfig)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
@@ -584,7 +589,7 @@ def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     Engine layout, Ray options, output location and debug hooks do not change any result number.
     """
     d = to_dict(cfg)
-    for key in ("output_dir", "resume", "overwrite", "tensorboard", "ray", "name"):
+    for key in ("output_dir", "resume", "overwrite", "tensorboard", "export_adapters", "ray", "name"):
         d.pop(key, None)
     eng = d.pop("engine")
     d["engine"] = {

@@ -556,6 +556,10 @@ class Runner:
                         starts_ref = ray.put(starts) if (starts is not None and r_start > 0) else None
                         for round_ in range(r_start, rounds):
                             starts_ref = self.run_round(trial, round_, starts_ref)
+                            if (
+                                round_ + 1 == rounds and cfg.export_adapters
+                            ):  # before the trial counts as done
+                                self._export(trial, starts_ref)
                             self._checkpoint(fp, trial, round_, rounds, starts_ref)
                     with contextlib.suppress(Exception):  # pids after any restarts (for the record)
                         infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout)
@@ -573,6 +577,16 @@ class Runner:
             if self._tb is not None:
                 self._tb.close()
         return self.finish()
+
+    def _export(self, trial: int, finals_ref: Any) -> None:
+        """``export_adapters``: the workload writes each method's final models (on the driver)."""
+        t0 = time.perf_counter()
+        finals = ray.get(finals_ref, timeout=self.timeout)
+        out = self.out_dir / "adapters" / f"trial{trial}"
+        written = self.workload.export(trial, dict(finals), out)
+        self.progress(
+            f"trial {trial}: exported {len(written)} adapter(s) to {out} ({time.perf_counter() - t0:.1f}s)"
+        )
 
     def _checkpoint(self, fp: dict, trial: int, round_: int, rounds: int, starts_ref: Any) -> None:
         last = round_ + 1 >= rounds

@@ -17,6 +17,7 @@ member                  where it runs       what it does
 ``aggregate_round``     aggregator actor    attacks, every method, per-client results of one round
 ``evaluate_batch``      client actor        held-out evaluation under an :class:`EvalPlan`, if one was
                                             returned (the aggregator need not hold a model)
+``export``              driver              ``export_adapters``: writes the methods' final models
 ======================  ==================  ===============================================================
 
 Payloads (updates, the models clients continue from, evaluation plans) are opaque to the engine: it moves
@@ -31,6 +32,7 @@ import abc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -71,10 +73,14 @@ def check_fields(prefix: str, checks: list[tuple[bool, str, Any, str]]) -> None:
     """Raises one ConfigError listing every failed check as ``prefix.key=value: rule``.
 
     Args:
-        prefix: The section's key (``workload``, ``workload.lora``, ...).
+        prefix: The section's key (``workload``, ``workload.lora``, ...; empty for top-level keys).
         checks: (ok, key, value, rule) per check.
     """
-    bad = [f"{prefix}.{key}={value!r}: {rule}" for ok, key, value, rule in checks if not ok]
+    bad = [
+        f"{prefix + '.' if prefix else ''}{key}={value!r}: {rule}"
+        for ok, key, value, rule in checks
+        if not ok
+    ]
     if bad:
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
 
@@ -278,7 +284,8 @@ class RoundOutput:
 
     Attributes:
         methods: Method -> its results.
-        nexts: Method -> what its clients continue from next round (opaque; empty after the last round).
+        nexts: Method -> what its clients continue from next round (opaque; after the last round empty,
+            or each method's final state when ``export_adapters`` is set).
         plan: Evaluation for the client actors, or None when the round evaluated already.
     """
 
@@ -309,6 +316,8 @@ class Workload(abc.ABC):
     own_methods: ClassVar[tuple[str, ...]] = ()
     #: Whether its rounds handle a sample of the clients (``workload.clients_per_round``).
     supports_sampling: ClassVar[bool] = False
+    #: Whether it can write its methods' final models (``export_adapters``, :meth:`export`).
+    supports_export: ClassVar[bool] = False
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -337,6 +346,17 @@ class Workload(abc.ABC):
                     "clients_per_round",
                     n,
                     f"workload {cls.name!r} runs every client every round (must be 0)",
+                )
+            ],
+        )
+        check_fields(
+            "",
+            [
+                (
+                    cls.supports_export or not cfg.export_adapters,
+                    "export_adapters",
+                    cfg.export_adapters,
+                    f"workload {cls.name!r} has no adapters to export",
                 )
             ],
         )
@@ -430,6 +450,20 @@ class Workload(abc.ABC):
             Method -> ``{"clients": [ids], <client column>: [values]}`` for the clients it evaluated.
         """
         raise NotImplementedError(f"workload {self.name!r} returned an evaluation plan but cannot evaluate")
+
+    def export(self, trial: int, finals: dict[str, Any], out_dir: Path) -> list[Path]:
+        """Writes each method's final models of a trial (``export_adapters``; on the driver).
+
+        Args:
+            trial: Trial index.
+            finals: Method -> its final state (the last round's ``nexts``, which the workload's round
+                returns when ``export_adapters`` is set).
+            out_dir: ``output_dir/adapters/trial<t>``.
+
+        Returns:
+            The directories and files written.
+        """
+        raise NotImplementedError(f"workload {self.name!r} cannot export its models")
 
     # ---- aggregator actor -----------------------------------------------------------------------------
     @abc.abstractmethod

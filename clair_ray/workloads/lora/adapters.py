@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,6 +260,62 @@ def fold_corrections(
         with torch.no_grad():
             w.add_(c.to(dtype=w.dtype, device=w.device))
     return target
+
+
+#: What :meth:`~clair_ray.workloads.lora.workload.LoRAWorkload.export` writes beside a method's adapters.
+CORRECTION_FILE = "correction.safetensors"
+
+
+def fold_correction_file(base: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Adds an exported shared correction (``correction.safetensors``) to a plain base model, in place.
+
+    The file holds, per adapted module (named as in the base model, e.g. ``transformer.h.0.attn.c_attn``),
+    the dense (out, in) update ΔW in the Linear orientation; a GPT-2 Conv1D weight, stored (in, out),
+    gets its transpose. Call this before ``PeftModel.from_pretrained(base, adapter_dir)``.
+
+    Args:
+        base: The base causal LM the run adapted (the same weights).
+        path: The correction file.
+
+    Returns:
+        ``base``, its weights W_0 + ΔW.
+
+    Raises:
+        ValueError: A module is missing from ``base`` or its shape differs.
+    """
+    from safetensors.numpy import load_file
+
+    for name, delta in load_file(str(path)).items():
+        try:
+            module = base.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"{path}: module {name!r} is not in the base model") from exc
+        w = linear_weight(module)  # (out, in) view
+        if tuple(w.shape) != tuple(delta.shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(delta.shape)}, the weight {tuple(w.shape)}")
+        with torch.no_grad():
+            w.add_(torch.as_tensor(delta).to(dtype=w.dtype, device=w.device))
+    return base
+
+
+def save_adapter(model: PeftModel, factors: Mapping[str, tuple[Any, Any]], path: str | Path) -> Path:
+    """Writes factor pairs as a peft adapter directory (``adapter_config.json`` and
+    ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, path)`` loads.
+
+    Args:
+        model: A peft model from :func:`wrap_lora` (its adapter is overwritten).
+        factors: Module name -> (B (out, r'), A (r', in)), scaling folded into B, r' <= the adapter rank.
+        path: The directory.
+
+    Returns:
+        ``path``.
+    """
+    reset_lora(model)
+    load_factors(model, factors)
+    with warnings.catch_warnings():  # transformers' deprecation notice inside peft's save: not the user's
+        warnings.simplefilter("ignore", FutureWarning)
+        model.save_pretrained(str(path))
+    return Path(path)
 
 
 def apply_refinement(model: PeftModel, refinements: Mapping[str, Any]) -> tuple[PeftModel, list[Factors]]:

@@ -190,7 +190,7 @@ def _multi_round(
             agg_s=agg_s,
             eval_s=time.perf_counter() - t1,
         )
-        if not last:
+        if not last or wl.cfg.export_adapters:  # the last round's state is only needed for the export
             out.nexts[method] = nxt
 
 
@@ -356,6 +356,8 @@ def _one_shot(
         else:
             metrics = nan_metrics(K)
             plan[method] = {"corr": corr, "shared": None, "adapters": adapters, "clients": honest_eval}
+        if cfg.export_adapters:  # the one-shot models: the shared correction and each honest client's adapter
+            out.nexts[method] = _one_shot_final(corr, adapters)
         out.methods[method] = MethodRound(
             flagged=flagged,
             reason=reason,
@@ -367,6 +369,13 @@ def _one_shot(
             agg_s=agg_s,
             eval_s=time.perf_counter() - t1,
         )
+
+
+def _one_shot_final(corr: dict[str, np.ndarray], adapters: dict[int, Factors]) -> dict[str, Any]:
+    """A one-shot method's models as a trajectory state: a global method (every adapter's product 0) is
+    its correction alone; a personalized one keeps each honest client's adapter."""
+    personal = {k: f for k, f in adapters.items() if any(np.any(b) for b, _ in f.values())}
+    return {"corr": corr, "shared": None, "personal": personal}
 
 
 def _config_args(wl: LoRAWorkload) -> dict[str, Any]:

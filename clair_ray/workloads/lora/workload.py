@@ -32,6 +32,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -91,6 +92,7 @@ class LoRAWorkload(Workload):
     )
     own_methods = OWN_METHODS
     supports_sampling = True
+    supports_export = True
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -514,6 +516,53 @@ class LoRAWorkload(Workload):
             got = self.evaluate_clients(trial, mine, p["corr"], adapters)
             out[method] = {"clients": mine, **{name: got[name][mine].tolist() for name in EVAL_METRICS}}
         return out
+
+    # ---- driver: export -----------------------------------------------------------------------------
+    def export(self, trial: int, finals: dict[str, Any], out_dir: Path) -> list[Path]:
+        """Writes each method's final models as peft adapter directories (``export_adapters``).
+
+        Per method, under ``out_dir/<method>/``: ``correction.safetensors`` (the shared dense correction
+        per module, (out, in), where the method has one; fold it into the base with
+        :func:`~clair_ray.workloads.lora.adapters.fold_correction_file`), ``global/`` (the global adapter
+        of a multi-round method, or a zero adapter for a one-shot global one, so every method loads the
+        same way) and ``clients/client<k>/`` (each honest client's own adapter: ``local``, CLAIR's and
+        the oracle's refinement). Load one with ``PeftModel.from_pretrained(base, dir)``.
+
+        Args:
+            trial: Trial index.
+            finals: Method -> final state (:data:`~clair_ray.workloads.lora.trajectory.RoundState`).
+            out_dir: Where the method directories go.
+
+        Returns:
+            The files and directories written.
+        """
+        from safetensors.numpy import save_file
+
+        from clair_ray.workloads.lora import adapters as lora
+
+        model = self._evaluator()
+        honest = set(range(self.K)) - set(self.contamination(trial).contaminated)
+        written: list[Path] = []
+        for method, state in finals.items():
+            d = out_dir / method
+            d.mkdir(parents=True, exist_ok=True)
+            corr = state.get("corr") or {}
+            if corr:
+                path = d / lora.CORRECTION_FILE
+                save_file({n: np.ascontiguousarray(c, dtype=np.float32) for n, c in corr.items()}, str(path))
+                written.append(path)
+            shared = state.get("shared")
+            personal = {k: f for k, f in (state.get("personal") or {}).items() if k in honest}
+            if shared is None and not personal:  # a one-shot global method: the correction is the model
+                r = self.spec.r
+                shape = {n: layer.shape for n, layer in corr.items()}
+                shared = {n: (np.zeros((o, r)), np.zeros((r, i))) for n, (o, i) in shape.items()}
+            if shared is not None:
+                written.append(lora.save_adapter(model, shared, d / "global"))
+            for k in sorted(personal):
+                written.append(lora.save_adapter(model, personal[k], d / "clients" / f"client{k}"))
+        lora.reset_lora(model)
+        return written
 
     # ---- aggregator actor ---------------------------------------------------------------------------
     def aggregate_round(

@@ -131,3 +131,65 @@ def test_a_methods_trajectory_does_not_depend_on_the_others(tmp_path: Path, copy
         np.testing.assert_array_equal(fa["flagged"], fb["flagged"])
         np.testing.assert_array_equal(fa["update_norm"], fb["update_norm"])
         np.testing.assert_array_equal(fa["test_loss"], fb["test_loss"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecation notice inside peft's load
+def test_exported_adapters_load_in_plain_peft_with_the_reported_loss(
+    tmp_path: Path, copy_cache: Path
+) -> None:
+    """export_adapters: a global method's adapter (+ its correction) and local's per-client adapters load
+    with PeftModel.from_pretrained and give the held-out loss the run reported."""
+    from peft import PeftModel
+
+    from clair_ray.workloads.copy_task import task as ct
+    from clair_ray.workloads.lora import adapters as lora
+
+    cfg = multi(tmp_path, copy_cache, "workload.clients_per_round=7", "export_adapters=true")
+    wl = get_workload(cfg)
+    wl.prepare()
+    outs = run_rounds(wl, methods=["clair", "fedavg", "local"])
+    last = flat(outs[-1])
+    written = wl.export(0, outs[-1].nexts, tmp_path / "adapters")
+    assert (tmp_path / "adapters" / "clair" / lora.CORRECTION_FILE) in written
+    assert not (tmp_path / "adapters" / "fedavg" / lora.CORRECTION_FILE).exists()  # FedIT has none
+    trained = outs[-1].nexts["local"]["personal"]
+    honest = [k for k in range(wl.K) if k not in wl.contamination(0).attack and k in trained]
+    for method, sub in (("clair", "global"), ("fedavg", "global"), ("local", f"clients/client{honest[0]}")):
+        d = tmp_path / "adapters" / method
+        assert (d / sub / "adapter_config.json").exists() and (d / sub / "adapter_model.safetensors").exists()
+        base = ct.load_base(wl.prepare())
+        if (d / lora.CORRECTION_FILE).exists():
+            lora.fold_correction_file(base, d / lora.CORRECTION_FILE)
+        model = PeftModel.from_pretrained(base, str(d / sub))
+        got = lora.evaluate_lm(model, wl.test_data(0, honest[0]))["loss"]
+        np.testing.assert_allclose(got, last[method]["test_loss"][honest[0]], rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_one_shot_export_writes_corrections_and_refined_client_adapters(
+    tmp_path: Path, copy_cache: Path
+) -> None:
+    from peft import PeftModel
+
+    from clair_ray.workloads.copy_task import task as ct
+    from clair_ray.workloads.lora import adapters as lora
+
+    cfg = load_config(
+        SMALL,
+        [f"output_dir={tmp_path}", f"workload.cache_dir={copy_cache}", "export_adapters=true",
+         "aggregation.methods=[clair,fedavg]"],
+    )  # fmt: skip
+    wl = get_workload(cfg)
+    wl.prepare()
+    (out,) = run_rounds(wl)
+    wl.export(0, out.nexts, tmp_path / "adapters")
+    honest = [k for k in range(wl.K) if k not in wl.contamination(0).attack]
+    clients = [p.name for p in (tmp_path / "adapters" / "clair" / "clients").iterdir()]
+    assert set(clients) == {f"client{k}" for k in honest}  # CLAIR refines every honest client
+    for method, sub in (("clair", f"clients/client{honest[0]}"), ("fedavg", "global")):
+        d = tmp_path / "adapters" / method
+        base = lora.fold_correction_file(ct.load_base(wl.prepare()), d / lora.CORRECTION_FILE)
+        got = lora.evaluate_lm(PeftModel.from_pretrained(base, str(d / sub)), wl.test_data(0, honest[0]))[
+            "loss"
+        ]
+        np.testing.assert_allclose(got, flat(out)[method]["test_loss"][honest[0]], rtol=1e-5)
