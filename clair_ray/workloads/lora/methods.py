@@ -250,6 +250,7 @@ def run_method(
     refine: int | str = "auto",
     choices: dict[str, Any] | None = None,
     exclude: frozenset[int] = frozenset(),
+    means: dict[str, np.ndarray] | None = None,
 ) -> MethodResult:
     """One method on one round's updates.
 
@@ -271,6 +272,7 @@ def run_method(
             side -> {rank, spectrum, null}).
         exclude: CLAIR: clients left out of its mean and refinement whatever their evidence this round
             (quarantined); they are still scored.
+        means: If given, CLAIR and the oracle store their (robust) mean update per module here.
 
     Returns:
         (shared corrections per module, adapters of the honest clients, flagged, reasons).
@@ -289,11 +291,11 @@ def run_method(
         # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
         clair_params.setdefault("solver", "fast")
         return _clair(
-            ups, active, honest, rank, side, clair_mode, clair_params, seed, refine, choices, exclude
+            ups, active, honest, rank, side, clair_mode, clair_params, seed, refine, choices, exclude, means
         )
     if method == "oracle":  # CLAIR's refinement rule on the true honest set (no detection)
         honest_set = set(honest)
-        corr, adapters = _refined(ups, honest, honest, side, clair_mode, seed, refine, choices)
+        corr, adapters = _refined(ups, honest, honest, side, clair_mode, seed, refine, choices, means=means)
         return corr, adapters, [k for k in active if k not in honest_set], {}
     if method in AGGREGATORS and not AGGREGATORS[method].personalized:
         ctx = AggContext(n_attackers=n_attackers, seed=seed)
@@ -330,6 +332,7 @@ def _refined(
     refine: int | str,
     choices: dict[str, Any] | None,
     mean_clip: float | None = MEAN_CLIP,
+    means: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
     """The refinement rule (``refinement_bases``) per module over ``keep``, then :func:`project`.
 
@@ -348,7 +351,7 @@ def _refined(
         bases[n] = tuple(None if c is None else c.basis.numpy() for c in (col, row))  # type: ignore[assignment]
         if choices is not None:
             choices[n] = {name: c.summary() for name, c in (("column", col), ("row", row)) if c is not None}
-    return project(ups, keep, honest, bases, weights)
+    return project(ups, keep, honest, bases, weights, means)
 
 
 def _clair(
@@ -363,6 +366,7 @@ def _clair(
     refine: int | str,
     choices: dict[str, Any] | None,
     exclude: frozenset[int] = frozenset(),
+    means: dict[str, np.ndarray] | None = None,
 ) -> MethodResult:
     """CLAIR per module, evidence combined over modules, refinement from the combined flags (and without
     the ``exclude``d clients)."""
@@ -378,7 +382,7 @@ def _clair(
     # Everyone quarantined or flagged: this round's own evidence decides alone.
     keep = [k for k in active if k not in fl_set] or [k for k in active if k not in set(fl)]
     clip = params.get("mean_clip", MEAN_CLIP)
-    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip)
+    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip, means)
     return corr, adapters, fl, why
 
 
@@ -388,6 +392,7 @@ def project(
     honest: list[int],
     bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
     weights: dict[str, np.ndarray] | None = None,
+    means: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
     """mean + P_U (Δ_k − mean) P_V as one shared correction per module and a factored adapter each.
 
@@ -401,6 +406,7 @@ def project(
         honest: Clients that get an adapter.
         bases: Module -> (U (out, r) or None, V (in, r) or None).
         weights: Module -> (len(keep),) weights of the mean (None: the plain mean).
+        means: If given, module -> the mean m is stored here.
 
     Returns:
         (module -> (out, in) correction, client -> module -> (B (out, r'), A (r', in))).
@@ -413,6 +419,8 @@ def project(
         pm = m if u is None else u @ (u.T @ m)
         pm = pm if v is None else (pm @ v) @ v.T
         corr[n] = m - pm
+        if means is not None:
+            means[n] = m
         for k in honest:
             b, a = ups.pairs[n][k]
             pb = b if u is None else u @ (u.T @ b)  # (out, r')

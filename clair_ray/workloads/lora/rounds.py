@@ -219,7 +219,10 @@ def _next_state(
       must send a rank-r adapter too: the best rank-r approximation of start + its attacked update;
     - every other method: its aggregate of the round updates (``run_method`` with refinement 0: CLAIR's
       robust mean over the detected-honest clients, the oracle's over the true honest ones, a baseline's
-      robust aggregate), added to the global product (:func:`~clair_ray.workloads.lora.trajectory.advance`).
+      robust aggregate), added to the global product (:func:`~clair_ray.workloads.lora.trajectory.advance`);
+    - CLAIR and the oracle with ``workload.lora.rounds_mode: personalized``: the one-shot refinement of the
+      round updates (``aggregation.refine``) carried over
+      (:func:`~clair_ray.workloads.lora.trajectory.personalize`).
     """
     r = wl.lw.r
     if method == "local":
@@ -237,20 +240,34 @@ def _next_state(
     history = {} if state is None else state.get("history", {})
     quarantine = cfg.aggregation.quarantine if method == "clair" else None
     exclude = frozenset(_quarantined(quarantine, history, active))
-    corr, _, fl, why = run_method(
+    personalized = wl.lw.rounds_mode == "personalized" and method in ("clair", "oracle")
+    means: dict[str, np.ndarray] = {}
+    corr, adapters, fl, why = run_method(
         method,
         ups,
         own,
         [{}] * wl.K,
         active,
-        honest,
+        # personalized CLAIR: every client it may refine (it does not know who is honest)
+        active if personalized and method == "clair" else honest,
         **_config_args(wl),
         n_attackers=n_attackers,
         seed=seed,
-        refine=0,
+        refine=cfg.aggregation.refine if personalized else 0,
         exclude=exclude,
+        means=means,
     )
-    nxt = trajectory.advance(state, corr, r)
+    if personalized:
+        # corr + adapter_k = m + P_U (Δ_k − m) P_V, so the deviation is adapter_k − (m − corr).
+        out_set = set(fl) | set(exclude)
+        projected = {
+            k: {n: trajectory.adapter_product(f, n) - (means[n] - corr[n]) for n in ups.names}
+            for k, f in adapters.items()
+            if k not in out_set
+        }
+        nxt = trajectory.personalize(state, means, projected, r)
+    else:
+        nxt = trajectory.advance(state, corr, r)
     if method == "clair":
         fl_set = set(fl)
         hist = {k: list(v) for k, v in history.items()}

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from clair_ray.workloads.base import WorkloadConfig, check_fields
 
-__all__ = ["CLAIR_INPUTS", "CLAIR_SIDES", "DEVICES", "LoRAWorkloadConfig", "LoraSpec"]
+__all__ = ["CLAIR_INPUTS", "CLAIR_SIDES", "DEVICES", "ROUNDS_MODES", "LoRAWorkloadConfig", "LoraSpec"]
 
 CLAIR_SIDES = ("column", "row", "both")
 CLAIR_INPUTS = ("auto", "factors", "dense")
+ROUNDS_MODES = ("global", "personalized")
 DEVICES = ("cpu", "cuda")
 
 
@@ -42,6 +43,11 @@ class LoraSpec:
             low-rank robust mean; never a dense update, so it scales to large modules), ``dense`` (the
             products B_k A_k, centred by a free offset), or ``auto`` (dense up to 65,536 entries per
             module, else factors). On the copy task factors and dense flag the same clients (measured).
+        rounds_mode: Multi-round mode, CLAIR and the oracle: ``global`` (the next global adapter is the
+            start plus the robust mean of the detected-honest round updates) or ``personalized`` (the
+            paper's refinement carried over rounds: the mean goes into the shared base for everyone and
+            each detected-honest sampled client keeps its own deviation projected on the refinement
+            bases (``aggregation.refine``) in its own adapter, truncated to rank r).
     """
 
     r: int = 4
@@ -56,6 +62,7 @@ class LoraSpec:
     device: str = "cpu"
     eval_every: int = 1
     clair_input: str = "factors"
+    rounds_mode: str = "global"
 
     def __post_init__(self) -> None:
         ints = [
@@ -93,6 +100,12 @@ class LoraSpec:
             ),
             (self.side in CLAIR_SIDES, "side", self.side, f"must be one of {list(CLAIR_SIDES)}"),
             (self.device in DEVICES, "device", self.device, f"must be one of {list(DEVICES)}"),
+            (
+                self.rounds_mode in ROUNDS_MODES,
+                "rounds_mode",
+                self.rounds_mode,
+                f"must be one of {list(ROUNDS_MODES)}",
+            ),
             (
                 self.clair_input in CLAIR_INPUTS,
                 "clair_input",

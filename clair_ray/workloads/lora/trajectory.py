@@ -30,7 +30,16 @@ import numpy as np
 
 from clair_ray.workloads.lora.methods import fedavg_factors
 
-__all__ = ["RoundState", "adapter_product", "advance", "fedit", "rank_r", "round_pairs", "start_of"]
+__all__ = [
+    "RoundState",
+    "adapter_product",
+    "advance",
+    "fedit",
+    "personalize",
+    "rank_r",
+    "round_pairs",
+    "start_of",
+]
 
 Pair = tuple[np.ndarray, np.ndarray]
 Factors = dict[str, Pair]
@@ -109,6 +118,40 @@ def advance(state: RoundState | None, update: dict[str, np.ndarray], r: int) -> 
         shared[n], residual = rank_r(total, r)
         corr[n] = residual + corr_prev[n] if n in corr_prev else residual
     return {"corr": corr, "shared": shared, "personal": {}, "history": _history(state)}
+
+
+def personalize(
+    state: RoundState | None,
+    mean: dict[str, np.ndarray],
+    projected: dict[int, dict[str, np.ndarray]],
+    r: int,
+) -> RoundState:
+    """The personalized (paper's) refinement carried over rounds.
+
+    Everyone gets the round's mean m through the shared correction; each client in ``projected`` keeps
+    its own refined deviation P_U (Δ_k − m) P_V on top of its start, in its own adapter at rank r (the
+    rest of a sum of rank > r is dropped: a client's dense remainder is never kept). So a refined client's
+    model is base + corr + m + start_k + P_U (Δ_k − m) P_V: the one-shot refinement applied to its round
+    update; any other client's is its previous model plus m.
+
+    Args:
+        state: This round's state (None: the common initialisation).
+        mean: Module -> (out, in) robust mean m of the detected-honest round updates.
+        projected: Client -> module -> (out, in) P_U (Δ_k − m) P_V.
+        r: The adapter rank.
+
+    Returns:
+        The next state (``shared`` unchanged: clients never refined start from it).
+    """
+    corr_prev = {} if state is None else state.get("corr", {})
+    corr = {n: m + corr_prev[n] if n in corr_prev else np.array(m, dtype=np.float64) for n, m in mean.items()}
+    personal = dict({} if state is None else state.get("personal") or {})
+    for k, dev in projected.items():
+        start = start_of(state, k)
+        total = {n: d if start is None else d + adapter_product(start, n) for n, d in dev.items()}
+        personal[k] = {n: rank_r(t, r)[0] for n, t in total.items()}
+    shared = None if state is None else state.get("shared")
+    return {"corr": corr, "shared": shared, "personal": personal, "history": _history(state)}
 
 
 def fedit(state: RoundState | None, adapters: list[Factors]) -> RoundState:

@@ -54,6 +54,24 @@ def test_round_pairs_and_advance_are_exact() -> None:
     assert trajectory.start_of({"shared": start, "personal": {3: final}}, 4) is start
 
 
+def test_personalize_gives_each_refined_client_its_deviation_and_everyone_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    start = {"corr": {"m": rng.normal(size=(6, 5))}, "shared": None, "personal": {2: rng_factors(rng, 2)}}
+    mean = {"m": rng.normal(size=(6, 5))}
+    u = np.linalg.qr(rng.normal(size=(6, 1)))[0]
+    dev = {2: {"m": u @ rng.normal(size=(1, 5))}, 4: {"m": u @ rng.normal(size=(1, 5))}}
+    nxt = trajectory.personalize(start, mean, dev, 2)
+    np.testing.assert_allclose(nxt["corr"]["m"], start["corr"]["m"] + mean["m"])  # the mean: everyone's
+    assert nxt["shared"] is None and set(nxt["personal"]) == {2, 4}
+    b, a = nxt["personal"][2]["m"]
+    # rank(start_2 + dev_2) <= 3 > r = 2: the best rank-2 part is kept (the rest is dropped).
+    want = trajectory.adapter_product(start["personal"][2], "m") + dev[2]["m"]
+    s = np.linalg.svd(want, compute_uv=False)
+    np.testing.assert_allclose(np.linalg.norm(b @ a - want), np.linalg.norm(s[2:]), atol=1e-12)
+    b4, a4 = nxt["personal"][4]["m"]  # from peft's start (product 0): exactly its deviation (rank 1)
+    np.testing.assert_allclose(b4 @ a4, dev[4]["m"], atol=1e-12)
+
+
 def test_client_sample_is_seeded_sorted_and_per_round() -> None:
     a = seeds.sample_clients(0, 0, 1, 100, 20)
     assert a == seeds.sample_clients(0, 0, 1, 100, 20) and a == sorted(a) and len(set(a)) == 20
@@ -118,6 +136,27 @@ def test_every_method_over_sampled_rounds_with_update_attacks(tmp_path: Path, co
     # The exact mean and FedIT's mean of factors are different matrices (different trajectories).
     assert last["fedavg"]["test_loss"][honest[0]] != last["fedavg_exact"]["test_loss"][honest[0]]
     assert "history" in outs[1].nexts["clair"]
+
+
+def test_personalized_rounds_refine_the_detected_honest_clients(tmp_path: Path, copy_cache: Path) -> None:
+    """rounds_mode=personalized: CLAIR's sampled, unflagged clients get their own adapter; the oracle's
+    are exactly the sampled honest ones; every method still evaluates finite losses."""
+    cfg = multi(
+        tmp_path, copy_cache, "workload.clients_per_round=7", "workload.lora.rounds_mode=personalized",
+        "aggregation.methods=[clair,oracle,fedavg_honest]",
+    )  # fmt: skip
+    wl = get_workload(cfg)
+    wl.prepare()
+    outs = run_rounds(wl)
+    prob = wl.contamination(0)
+    sample0 = seeds.sample_clients(cfg.seed, 0, 0, wl.K, 7)
+    oracle = outs[0].nexts["oracle"]["personal"]
+    assert set(oracle) == {k for k in sample0 if k not in prob.attack}
+    clair0 = flat(outs[0])["clair"]
+    assert set(outs[0].nexts["clair"]["personal"]) == {k for k in sample0 if not clair0["flagged"][k]}
+    assert outs[0].nexts["clair"]["shared"] is None and outs[0].nexts["fedavg_honest"]["shared"] is not None
+    for m in flat(outs[-1]).values():
+        assert np.isfinite(m["test_loss"][[k for k in range(wl.K) if k not in prob.attack]]).all()
 
 
 def test_a_methods_trajectory_does_not_depend_on_the_others(tmp_path: Path, copy_cache: Path) -> None:
