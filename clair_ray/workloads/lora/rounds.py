@@ -160,8 +160,9 @@ def _multi_round(
         t0 = time.perf_counter()
         flagged, reason = non_finite_flags(reported, valid)
         mstate = None if prev is None else prev[method]
+        choices: dict[str, Any] = {}
         nxt, fl, why = _next_state(
-            wl, method, mstate, ups, own, starts, attacked, active, honest_active, method_seed, n_att
+            wl, method, mstate, ups, own, starts, attacked, active, honest_active, method_seed, n_att, choices
         )
         for k in fl:
             flagged[k], reason[k] = True, why.get(k, method)
@@ -187,6 +188,7 @@ def _multi_round(
             dropped=in_sample & ~reported,
             update_norm=norms,
             metrics=metrics,
+            scalars=refine_scalars(choices) if choices else {},
             agg_s=agg_s,
             eval_s=time.perf_counter() - t1,
         )
@@ -211,8 +213,10 @@ def _next_state(
     honest: list[int],
     seed: int,
     n_attackers: int,
+    choices: dict[str, Any],
 ) -> tuple[trajectory.RoundState, list[int], dict[int, str]]:
-    """A method's next trajectory state from the round's updates; (state, flagged, reasons).
+    """A method's next trajectory state from the round's updates; (state, flagged, reasons). A
+    personalized refinement records its choice per module in ``choices``.
 
     - ``local``: every client that sent an update keeps its own adapter (no aggregation);
     - ``fedavg``: FedIT, the mean of the B's and of the A's of the clients' adapters. An update attacker
@@ -256,6 +260,7 @@ def _next_state(
         refine=cfg.aggregation.refine if personalized else 0,
         exclude=exclude,
         means=means,
+        choices=choices if personalized else None,
     )
     if personalized:
         # corr + adapter_k = m + P_U (Δ_k − m) P_V, so the deviation is adapter_k − (m − corr).

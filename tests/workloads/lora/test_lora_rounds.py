@@ -155,6 +155,7 @@ def test_personalized_rounds_refine_the_detected_honest_clients(tmp_path: Path, 
     clair0 = flat(outs[0])["clair"]
     assert set(outs[0].nexts["clair"]["personal"]) == {k for k in sample0 if not clair0["flagged"][k]}
     assert outs[0].nexts["clair"]["shared"] is None and outs[0].nexts["fedavg_honest"]["shared"] is not None
+    assert np.isfinite(clair0["refine_rank"]) and clair0["refine"].startswith("{")  # the choice, recorded
     for m in flat(outs[-1]).values():
         assert np.isfinite(m["test_loss"][[k for k in range(wl.K) if k not in prob.attack]]).all()
 
