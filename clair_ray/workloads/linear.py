@@ -229,13 +229,36 @@ class LinearWorkload(Workload):
                 self._data.popitem(last=False)
         return self._data[key]
 
-    def noise_level(self, trial: int, k: int) -> float:
-        """sqrt(E‖P_U⊥ E_k‖_F²) = σ sqrt(q · tr(P_U⊥ (XᵀX)⁻¹)) for client k's OLS error E_k."""
+    def noise_level(
+        self, trial: int, k: int, F: torch.Tensor | None = None, start: torch.Tensor | None = None
+    ) -> float:
+        """The off-subspace energy an honest client k would send: sqrt(E‖P_U⊥(M_k − W_0)‖_F²).
+
+        One-shot (``F`` None: the OLS fit) that is σ sqrt(q · tr(P_U⊥ (XᵀX)⁻¹)). After gradient steps
+        from ``start``, M_k − W_0 = (I − F)(start − W_0) + F (W_ols − W_0) (:meth:`_steps_map`), so it adds
+        the deterministic part ‖P_U⊥((I − F)(start − W_0) + F (W_k − W_0))‖² (an unfinished optimisation
+        leaves honest energy outside U) to the noise σ² q tr(P_U⊥ F (XᵀX)⁻¹ Fᵀ).
+        """
         X, _ = self.client_data(trial, k)
-        U = self.problem(trial).U
+        prob = self.problem(trial)
+        U = prob.U
         G = torch.linalg.inv(X.T @ X)  # (p, p)
-        tr = torch.trace(G) - torch.trace(U.T @ G @ U)
-        return float(self.w.noise_std * torch.sqrt(self.w.q * tr.clamp_min(0.0)))
+        C = G if F is None else F @ G @ F.T  # (p, p) row covariance of the estimate's noise / σ²
+        tr = torch.trace(C) - torch.trace(U.T @ C @ U)
+        energy = self.w.noise_std**2 * self.w.q * tr.clamp_min(0.0)
+        if F is not None:
+            s0 = torch.zeros_like(prob.W0) if start is None else start - prob.W0  # (p, q)
+            bias = s0 - F @ s0 + F @ (prob.W[k] - prob.W0)  # (p, q)
+            off = bias - U @ (U.T @ bias)
+            energy = energy + (off**2).sum()
+        return float(torch.sqrt(energy))
+
+    def _steps_map(self, X: torch.Tensor) -> torch.Tensor:
+        """(p, p) F with M_t = (I − F) M_0 + F W_ols after ``local_steps`` full-batch gradient steps:
+        M ← M − lr Xᵀ(XM − Y)/n = A M + lr XᵀY/n with A = I − lr XᵀX/n, so F = I − A^t."""
+        n, p = X.shape
+        A = torch.eye(p, dtype=DTYPE) - self.w.lr * (X.T @ X) / n
+        return torch.eye(p, dtype=DTYPE) - torch.linalg.matrix_power(A, self.w.local_steps)
 
     def errors(self, trial: int, per_client: torch.Tensor) -> dict[str, np.ndarray]:
         """Per-client metrics of the models clients end up with.
@@ -279,8 +302,10 @@ class LinearWorkload(Workload):
             The (p, q) update (the client's local estimate M_k) and two numbers: ``noise_scale``, the
             relative noise level the client reports with its update, sqrt(tr((X_kᵀX_k)⁻¹)) (computable from
             its own inputs alone; exactly proportional to its OLS error, unlike 1/sqrt(n_k) when n_k is
-            close to p), and ``noise_level``, the truth's expected ‖P_U⊥ E_k‖_F (detection ground truth
-            only; it uses U and σ, which no method sees).
+            close to p; after gradient steps sqrt(tr(F (X_kᵀX_k)⁻¹ Fᵀ)), the noise of the estimate it
+            sends, :meth:`_steps_map`), and ``noise_level``, the off-subspace energy an honest client would
+            send (:meth:`noise_level`; detection ground truth only: it uses U, W_k and σ, which no method
+            sees).
         """
         X, Y = self.client_data(trial, k)
         n = X.shape[0]
@@ -293,10 +318,18 @@ class LinearWorkload(Workload):
                 if start is None
                 else torch.from_numpy(start).clone()
             )
+            M0 = M.clone()
             for _ in range(self.w.local_steps):
                 M -= self.w.lr * (X.T @ (X @ M - Y)) / n
-        scale = float(torch.sqrt(torch.trace(torch.linalg.inv(X.T @ X))))
-        return M.numpy(), {"noise_scale": scale, "noise_level": self.noise_level(trial, k)}
+        G = torch.linalg.inv(X.T @ X)  # (p, p)
+        if self.w.mode == "one_shot":
+            scale = float(torch.sqrt(torch.trace(G)))
+            level = self.noise_level(trial, k)
+        else:  # the noise of the estimate actually sent: F (XᵀX)⁻¹ Fᵀ, F from the client's own X
+            F = self._steps_map(X)
+            scale = float(torch.sqrt(torch.trace(F @ G @ F.T)))
+            level = self.noise_level(trial, k, F, M0)
+        return M.numpy(), {"noise_scale": scale, "noise_level": level}
 
     def train_batch(self, trial: int, round_: int, jobs: list[ClientJob], start: Any) -> TrainOutput:
         """Each job's OLS fit (one-shot) or gradient steps (multi-round); a client that raises drops out.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,29 @@ def test_metrics() -> None:
     assert m["test_mse"] == pytest.approx(m["error"] ** 2 / 3 + 0.25)
     assert wl.subspace_error(0, wl.problem(0).U) < 1e-12
     assert np.isnan(wl.subspace_error(0, None))
+
+
+def test_gradient_step_clients_report_the_noise_of_what_they_send() -> None:
+    """After t gradient steps M = (I − F) M0 + F W_ols exactly; the reported noise scale is that
+    estimate's, sqrt(tr(F (XᵀX)⁻¹ Fᵀ)), and the truth's level adds the unfinished optimisation's energy
+    outside U (one-shot: F = I, the OLS formulas)."""
+    wl = make("workload.mode=multi_round", "workload.local_steps=3", "workload.lr=0.3")
+    X, Y = wl.client_data(0, 4)
+    G = torch.linalg.inv(X.T @ X)
+    W_ols = G @ X.T @ Y
+    start = torch.randn(wl.w.p, wl.w.q, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    M, info = wl.train(0, 4, start.numpy())
+    F = wl._steps_map(X)
+    torch.testing.assert_close(torch.from_numpy(M), start - F @ start + F @ W_ols)
+    assert info["noise_scale"] == pytest.approx(float(torch.sqrt(torch.trace(F @ G @ F.T))))
+    prob = wl.problem(0)
+    Pp = torch.eye(wl.w.p, dtype=torch.float64) - prob.U @ prob.U.T  # P_U⊥
+    bias = Pp @ (start - F @ start + F @ prob.W[4])  # W_0 = 0 here
+    want = wl.w.noise_std**2 * wl.w.q * float(torch.trace(Pp @ F @ G @ F.T)) + float((bias**2).sum())
+    assert info["noise_level"] == pytest.approx(math.sqrt(want))
+    one = make()
+    _, info1 = one.train(0, 4, None)
+    assert info1["noise_scale"] == pytest.approx(float(torch.sqrt(torch.trace(G))))
+    U = one.problem(0).U
+    level = one.w.noise_std * math.sqrt(one.w.q * float(torch.trace(G) - torch.trace(U.T @ G @ U)))
+    assert info1["noise_level"] == pytest.approx(level)
