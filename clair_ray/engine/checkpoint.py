@@ -4,7 +4,8 @@ Everything lives under ``output_dir/checkpoint/`` and nothing in it is code: ope
 directory someone sent you never unpickles anything.
 
 - ``rows/t<trial>-r<round>.parquet`` and ``.json``: each completed round's client rows (the client
-  table's schema) and its per-method summary extras, written once, atomically, before the round's state.
+  table's schema), and its per-method summary extras and timing row (``rounds.parquet``), written once,
+  atomically, before the round's state.
   The per-round write does not grow with the number of rounds.
 - ``state.json``: the last completed (trial, round), the rounds per trial, the config fingerprint (the part
   of the config that determines results, so ``resume=true`` refuses a checkpoint of another experiment)
@@ -63,6 +64,7 @@ class Checkpoint:
             finished).
         client_rows: Client-table rows of every completed round (filled by :func:`load`).
         extras: (trial, method, round) -> per-method summary extras (filled by :func:`load`).
+        timings: The completed rounds' timing rows, in order (filled by :func:`load`).
     """
 
     fingerprint: dict[str, Any]
@@ -72,6 +74,7 @@ class Checkpoint:
     starts: Any
     client_rows: list[dict[str, Any]] = field(default_factory=list)
     extras: dict[tuple[int, str, int], dict[str, Any]] = field(default_factory=dict)
+    timings: list[dict[str, Any]] = field(default_factory=list)
 
     def next_position(self) -> tuple[int, int]:
         """The (trial, round) to run next."""
@@ -140,8 +143,9 @@ def write_round(
     rows: list[dict[str, Any]],
     extras: dict[str, dict[str, Any]],
     schema: pa.Schema,
+    timing: dict[str, Any] | None = None,
 ) -> None:
-    """Writes one completed round's client rows and its per-method extras (before :func:`save`).
+    """Writes one completed round's client rows, per-method extras and timing (before :func:`save`).
 
     Args:
         out_dir: The run directory.
@@ -150,6 +154,7 @@ def write_round(
         rows: The round's client rows.
         extras: Method -> its summary extras of the round.
         schema: The client table's schema.
+        timing: The round's row of ``rounds.parquet``.
     """
     d = Path(out_dir) / DIRNAME / "rows"
     try:
@@ -158,7 +163,8 @@ def write_round(
         raise CheckpointError(f"could not write the checkpoint directory {d}: {exc}") from exc
     table = pa.Table.from_pylist(rows, schema=schema)
     _atomic(d / f"{_stem(trial, round_)}.parquet", lambda p: pq.write_table(table, p))
-    _atomic(d / f"{_stem(trial, round_)}.json", lambda p: p.write_text(json.dumps(extras)))
+    doc = {"extras": extras, "timing": timing}
+    _atomic(d / f"{_stem(trial, round_)}.json", lambda p: p.write_text(json.dumps(doc)))
 
 
 def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
@@ -221,9 +227,10 @@ def _read_state(path: Path) -> Checkpoint:
     )
 
 
-def _read_rows(d: Path, upto: tuple[int, int]) -> tuple[list[dict[str, Any]], dict]:
+def _read_rows(d: Path, upto: tuple[int, int]) -> tuple[list[dict[str, Any]], dict, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     extras: dict[tuple[int, str, int], dict[str, Any]] = {}
+    timings: list[dict[str, Any]] = []
     parts = sorted(
         (int(m.group(1)), int(m.group(2)), p)
         for p in (d / "rows").glob("*.parquet")
@@ -235,9 +242,12 @@ def _read_rows(d: Path, upto: tuple[int, int]) -> tuple[list[dict[str, Any]], di
             part.with_suffix(".json").unlink(missing_ok=True)
             continue
         rows.extend(pq.read_table(part).to_pylist())
-        for method, ex in json.loads(part.with_suffix(".json").read_text()).items():
+        doc = json.loads(part.with_suffix(".json").read_text())
+        for method, ex in doc["extras"].items():
             extras[(trial, method, round_)] = ex
-    return rows, extras
+        if doc.get("timing"):
+            timings.append(doc["timing"])
+    return rows, extras, timings
 
 
 def load(out_dir: str | Path) -> Checkpoint | None:
@@ -273,7 +283,7 @@ def load(out_dir: str | Path) -> Checkpoint | None:
             ) from exc
         log.warning("%s cannot be read (%s); resuming from %s", path, why, prev)
     try:
-        ckpt.client_rows, ckpt.extras = _read_rows(d, (ckpt.trial, ckpt.round))
+        ckpt.client_rows, ckpt.extras, ckpt.timings = _read_rows(d, (ckpt.trial, ckpt.round))
     except Exception as exc:
         raise CheckpointError(
             f"the result rows under {d / 'rows'} cannot be read ({type(exc).__name__}: {exc}): "

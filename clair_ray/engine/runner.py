@@ -527,6 +527,7 @@ class Runner:
                 trial0, round0 = ck.next_position()
                 starts = ck.starts if round0 > 0 else None
                 self.rows, self.extras = list(ck.client_rows), dict(ck.extras)
+                self.timings = list(ck.timings)  # rounds.parquet keeps the rounds before the resume
                 self._done, self._done_rows = (ck.trial, ck.round), len(self.rows)
                 if trial0 >= cfg.trials:
                     self.progress(
@@ -599,6 +600,7 @@ class Runner:
                 self.rows[self._done_rows :],
                 {m: self.extras[(trial, m, round_)] for m in methods},
                 results.client_schema(self.columns),
+                self.timings[-1] if self.timings else None,
             )
             starts = None if last else dict(ray.get(starts_ref, timeout=self.timeout))
             checkpoint.save(

@@ -79,7 +79,8 @@ def _ckpt(round_: int, starts: object = None) -> checkpoint.Checkpoint:
 def _round(tmp_path: Path, round_: int) -> None:
     schema = pa.schema([("round", pa.int32()), ("loss", pa.float64()), ("method", pa.string())])
     rows = [{"round": round_, "loss": 0.5 + round_, "method": "clair"}]
-    checkpoint.write_round(tmp_path, 0, round_, rows, {"clair": {"agg_s": 0.1, "refine": "{}"}}, schema)
+    extras = {"clair": {"agg_s": 0.1, "refine": "{}"}}
+    checkpoint.write_round(tmp_path, 0, round_, rows, extras, schema, {"round": round_, "round_s": 1.5})
 
 
 def test_checkpoint_is_data_and_round_trips(tmp_path: Path) -> None:
@@ -99,6 +100,7 @@ def test_checkpoint_is_data_and_round_trips(tmp_path: Path) -> None:
     assert got.starts["local"][:4] == [2.5, 7, "s", True] and got.starts["local"][4][0].dtype == np.float32
     assert [row["loss"] for row in got.client_rows] == [0.5, 1.5, 2.5]
     assert got.extras[(0, "clair", 1)] == {"agg_s": 0.1, "refine": "{}"}
+    assert [t["round"] for t in got.timings] == [0, 1, 2]  # rounds.parquet survives a resume
     d = tmp_path / checkpoint.DIRNAME
     assert sorted(p.name for p in d.glob("starts-*.npz")) == [
         "starts-t0000-r00001.npz",

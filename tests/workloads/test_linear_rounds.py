@@ -31,9 +31,8 @@ def _trajectory(method: str, rounds: int) -> list[tuple[float, float]]:
         group = Group([method], [(list(range(K)), train.payload)], [], dict(enumerate(train.info)))
         res = wl.aggregate_round(0, r, [group], prev)
         mr = res.methods[method]
-        out.append(
-            (float(mr.metrics["error"][honest].mean()), detection_scores(mr.flagged, mr.detectable)[2])
-        )
+        f1 = detection_scores(mr.flagged, mr.detectable, ~honest)[2]  # the engine's definition
+        out.append((float(mr.metrics["error"][honest].mean()), f1))
         prev = res.nexts
     return out
 

@@ -347,6 +347,7 @@ def test_multi_round_sampled_resumes_to_the_same_results(tmp_path: Path, copy_ca
         return df.sort_values(["method", "round", "client_id"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(stable(full.clients), stable(resumed.clients), check_exact=True)
+    assert list(resumed.rounds["round"]) == [0, 1, 2]  # rounds.parquet keeps the round before the resume
 
 
 def test_evaluation_plan_on_clients_equals_evaluating_in_place(tmp_path: Path, copy_cache: Path) -> None:
