@@ -126,10 +126,10 @@ def detection_scores(
 ) -> tuple[float, float, float]:
     """Precision, recall and F1 of a flagged set against the truth.
 
-    Recall counts the detectable clients (``truth``) that were flagged. Precision counts flags that fell on
-    a contaminated client: flagging an attacker that no subspace method is expected to see (an in-subspace
-    attack, outside ``truth``) is not a false alarm, so with ``contaminated`` given such a flag counts as
-    correct for precision (and is not required for recall). Conventions for empty sets: precision is 1 when
+    With ``contaminated`` given, a contaminated client outside ``truth`` (an in-subspace attack, or one
+    whose energy outside U stays below the truth's level) is left out of all three: no subspace method is
+    expected to see it, so flagging it is neither a false alarm nor a find (such attacks are judged by the
+    honest clients' error instead, and reported per kind). Conventions for empty sets: precision is 1 when
     nothing is flagged, recall is 1 when nothing is to be found (so a method that correctly flags nobody on
     a clean run scores 1, 1, 1).
 
@@ -141,12 +141,13 @@ def detection_scores(
     Returns:
         (precision, recall, f1).
     """
-    bad = truth if contaminated is None else (truth | contaminated)
-    right = int(np.sum(flagged & bad))
-    wrong = int(np.sum(flagged & ~bad))
+    if contaminated is not None:
+        scored = ~(contaminated & ~truth)
+        flagged, truth = flagged[scored], truth[scored]
     tp = int(np.sum(flagged & truth))
+    fp = int(np.sum(flagged & ~truth))
     fn = int(np.sum(~flagged & truth))
-    precision = right / (right + wrong) if right + wrong else 1.0
+    precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return precision, recall, f1

@@ -22,12 +22,13 @@ def test_detection_scores() -> None:
     assert results.detection_scores(np.array([1, 0, 1, 0], bool), t) == (0.5, 0.5, 0.5)
     assert results.detection_scores(t.copy(), t) == (1.0, 1.0, 1.0)
     assert results.detection_scores(np.zeros(4, bool), np.zeros(4, bool)) == (1.0, 1.0, 1.0)
-    # A flagged attacker outside the truth (in-subspace) is no false alarm, and not needed for recall.
+    # An attacker outside the truth (in-subspace) is left out: flagging it is no false alarm and no find.
     contaminated = np.array([1, 1, 0, 0], bool)
     truth = np.array([1, 0, 0, 0], bool)
     assert results.detection_scores(np.array([1, 1, 0, 0], bool), truth, contaminated) == (1.0, 1.0, 1.0)
     assert results.detection_scores(np.array([1, 1, 0, 0], bool), truth) == (0.5, 1.0, 2 / 3)
-    assert results.detection_scores(np.array([0, 1, 1, 0], bool), truth, contaminated) == (0.5, 0.0, 0.0)
+    assert results.detection_scores(np.array([0, 1, 1, 0], bool), truth, contaminated) == (0.0, 0.0, 0.0)
+    assert results.detection_scores(np.array([1, 1, 1, 0], bool), truth, contaminated) == (0.5, 1.0, 2 / 3)
     p, r, f = results.detection_scores(np.zeros(4, bool), t)
     assert (p, r, f) == (1.0, 0.0, 0.0)
 
