@@ -33,7 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clair_ray.attacks import ATTACKS
-from clair_ray.workloads.base import Column
+from clair_ray.workloads.base import Column, MethodRound
 
 #: The tables of a run (one Parquet file each) and of a gathered sweep (one hive-partitioned dataset each).
 TABLES = ("clients", "summary", "detection")
@@ -151,6 +151,77 @@ def detection_scores(
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return precision, recall, f1
+
+
+def round_rows(
+    trial: int,
+    round_: int,
+    method: str,
+    mr: MethodRound,
+    attack: dict[int, str],
+    train: dict[int, dict[str, Any]],
+    columns: Sequence[Column],
+    K: int,
+    sampled: set[int],
+) -> list[dict[str, Any]]:
+    """One method's client rows of a round, in client-id order: the core columns and the workload's
+    client columns, for every client of the federation (``sampled``: who took part in the round).
+
+    Args:
+        trial: Trial index.
+        round_: Round index.
+        method: The method.
+        mr: Its results of the round.
+        attack: Contaminated client -> its attack kind.
+        train: Client id -> its training metadata (``n_samples``, ``bytes_sent``, ``actor_id``,
+            ``train_s``; absent for clients that did not train).
+        columns: The workload's columns.
+        K: Clients in the federation.
+        sampled: The round's sample.
+    """
+    own = [c.name for c in columns if c.level == "client"]
+    rows = []
+    for k in range(K):
+        tm = train.get(k, {})
+        row: dict[str, Any] = {
+            "trial": trial,
+            "method": method,
+            "round": round_,
+            "client_id": k,
+            "contaminated": k in attack,
+            "attack": attack.get(k, ""),
+            "detectable": bool(mr.detectable[k]),
+            "dropped": bool(mr.dropped[k]),
+            "sampled": k in sampled,
+            "flagged": bool(mr.flagged[k]),
+            "reason": mr.reason[k],
+        }
+        row.update({c: mr.metrics[c][k].item() if c in mr.metrics else np.nan for c in own})
+        row.update(
+            {
+                "update_norm": float(mr.update_norm[k]),
+                "n_samples": int(tm.get("n_samples", 0)),
+                "bytes_sent": int(tm.get("bytes_sent", 0)),
+                "actor_id": int(tm.get("actor_id", -1)),
+                "train_s": float(tm.get("train_s", np.nan)),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def method_extras(mr: MethodRound, columns: Sequence[Column], round_s: float) -> dict[str, Any]:
+    """A method's summary extras of a round: its method-level columns (numbers NaN and strings "" when
+    missing), ``agg_s`` and the round's ``round_s``."""
+    out: dict[str, Any] = {}
+    for c in columns:
+        if c.level == "method":
+            value = mr.scalars.get(c.name)
+            if pa.types.is_string(c.dtype):
+                out[c.name] = "" if value is None else str(value)
+            else:
+                out[c.name] = math.nan if value is None else float(value)
+    return {**out, "agg_s": mr.agg_s, "round_s": round_s}
 
 
 def table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
@@ -369,49 +368,15 @@ class Runner:
     ) -> None:
         """One client row per (method, client) in client-id order: the core columns and the workload's
         (every client of the federation; ``sampled`` says who took part in the round)."""
-        plan = self.workload.contamination(trial)
-        own = [c.name for c in self.columns if c.level == "client"]
-        # Method-level columns: numbers (NaN when missing) or strings ("" when missing).
-        scalars = {
-            c.name: ("" if pa.types.is_string(c.dtype) else np.nan)
-            for c in self.columns
-            if c.level == "method"
-        }
+        attack = self.workload.contamination(trial).attack
         K = self.cfg.workload.num_clients
         for method in methods:
             g = groups[0] if groups == [SHARED] else method
             am = agg_meta[method]
-            self.extras[(trial, method, round_)] = {
-                **{c: _scalar(am.scalars.get(c, missing), missing) for c, missing in scalars.items()},
-                "agg_s": am.agg_s,
-                "round_s": round_s,
-            }
-            for k in range(K):
-                tm = train_meta[g].get(k, {})
-                row: dict[str, Any] = {
-                    "trial": trial,
-                    "method": method,
-                    "round": round_,
-                    "client_id": k,
-                    "contaminated": k in plan.attack,
-                    "attack": plan.attack.get(k, ""),
-                    "detectable": bool(am.detectable[k]),
-                    "dropped": bool(am.dropped[k]),
-                    "sampled": k in sampled,
-                    "flagged": bool(am.flagged[k]),
-                    "reason": am.reason[k],
-                }
-                row.update({c: am.metrics[c][k].item() if c in am.metrics else np.nan for c in own})
-                row.update(
-                    {
-                        "update_norm": float(am.update_norm[k]),
-                        "n_samples": int(tm.get("n_samples", 0)),
-                        "bytes_sent": int(tm.get("bytes_sent", 0)),
-                        "actor_id": int(tm.get("actor_id", -1)),
-                        "train_s": float(tm.get("train_s", np.nan)),
-                    }
-                )
-                self.rows.append(row)
+            self.extras[(trial, method, round_)] = results.method_extras(am, self.columns, round_s)
+            self.rows.extend(
+                results.round_rows(trial, round_, method, am, attack, train_meta[g], self.columns, K, sampled)
+            )
 
     def _next_ready(self, pending: dict[Any, Any], what: str) -> Any:
         """The first of ``pending``'s refs to finish; EngineError after ``engine.call_timeout_s``."""
@@ -557,9 +522,7 @@ class Runner:
                         starts_ref = ray.put(starts) if (starts is not None and r_start > 0) else None
                         for round_ in range(r_start, rounds):
                             starts_ref = self.run_round(trial, round_, starts_ref)
-                            if (
-                                round_ + 1 == rounds and cfg.export_adapters
-                            ):  # before the trial counts as done
+                            if cfg.export_adapters and round_ + 1 == rounds:  # before the trial is done
                                 self._export(trial, starts_ref)
                             self._checkpoint(fp, trial, round_, rounds, starts_ref)
                     with contextlib.suppress(Exception):  # pids after any restarts (for the record)
@@ -652,8 +615,3 @@ def run_experiment(cfg: ExperimentConfig, progress: Callable[[str], None] | None
         EngineError: The run could not complete (what and why in the message).
     """
     return Runner(cfg, progress).run()
-
-
-def _scalar(value: Any, missing: float | str) -> float | str:
-    """A method-level value as its column's type (str columns stay strings, the rest become floats)."""
-    return str(value) if isinstance(missing, str) else float(value)
