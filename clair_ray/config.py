@@ -316,7 +316,7 @@ class ExperimentConfig:
         export_adapters: After each trial's last round, write every method's final models under
             ``output_dir/adapters/trial<t>/<method>/`` (LoRA workloads: peft adapter directories that
             ``PeftModel.from_pretrained`` loads, and the shared dense correction as
-            ``correction.safetensors``; README "Exported adapters").
+            ``correction.safetensors``; README "Federated fine-tuning over rounds").
         plugins: Python modules imported before the config is validated, in the driver and in every actor
             (each may register aggregators, attacks or workloads). Only the config file or command line
             a user gives names them; a results directory's saved config never imports anything.

@@ -489,9 +489,10 @@ def build_report(
     if res.kind == "run" and res.per_round["round"].nunique() > 1:
         md += ["", f"{h2} Per round: honest clients' {res.metric_label} (mean over trials)", ""]
         md += _round_table(res, res.metric, methods)
-        if _flaggers(res):
+        flaggers = _flaggers(res)
+        if flaggers:
             md += ["", f"{h2} Per round: detection F1 of the methods that flag (mean over trials)", ""]
-            md += _round_table(res, "f1", _flaggers(res))
+            md += _round_table(res, "f1", flaggers)
     f1 = attack_f1(res) if "clair" in methods else pd.DataFrame()
     if len(f1):
         visible = sorted(f1.groupby("attack")["n_detectable"].sum().loc[lambda s: s > 0].index)

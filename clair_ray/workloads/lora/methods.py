@@ -229,7 +229,8 @@ def clair_input(mode: str, shape: tuple[int, int]) -> str:
     return mode
 
 
-def _zero(ups: ModuleUpdates) -> Factors:
+def zero_adapter(ups: ModuleUpdates) -> Factors:
+    """An adapter whose product is 0 in every module (a global method's, or a client that never trained)."""
     return {n: (np.zeros((ups.shape(n)[0], 1)), np.zeros((1, ups.shape(n)[1]))) for n in ups.names}
 
 
@@ -283,9 +284,9 @@ def run_method(
     if method == "local_early":
         return {}, {k: own_early[k] for k in honest}, [], {}
     if method == "fedavg_honest":
-        return {n: ups.mean(n, honest) for n in names}, dict.fromkeys(honest, _zero(ups)), [], {}
+        return {n: ups.mean(n, honest) for n in names}, dict.fromkeys(honest, zero_adapter(ups)), [], {}
     if method in ("fedavg", "fedavg_exact"):
-        return {n: ups.mean(n, active) for n in names}, dict.fromkeys(honest, _zero(ups)), [], {}
+        return {n: ups.mean(n, active) for n in names}, dict.fromkeys(honest, zero_adapter(ups)), [], {}
     if method == "clair":
         clair_params = dict(params.get("clair", {}))
         # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
@@ -310,7 +311,7 @@ def run_method(
         # A client counts as flagged when most modules excluded it (multi-Krum selects per module).
         fl = [active[j] for j in np.flatnonzero(votes > len(names) / 2)]
         why = {k: f"{method}: excluded in {int(votes[active.index(k)])}/{len(names)} modules" for k in fl}
-        return corr, dict.fromkeys(honest, _zero(ups)), fl, why
+        return corr, dict.fromkeys(honest, zero_adapter(ups)), fl, why
     raise ValueError(f"aggregation.methods: {method!r} is not available for LoRA workloads")
 
 

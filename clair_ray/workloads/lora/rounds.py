@@ -34,7 +34,7 @@ from clair_ray.workloads.base import (
     refine_scalars,
 )
 from clair_ray.workloads.lora import trajectory
-from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, run_method
+from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, run_method, zero_adapter
 
 if TYPE_CHECKING:
     from clair_ray.workloads.lora.workload import LoRAWorkload
@@ -140,12 +140,7 @@ def _multi_round(
     active = np.flatnonzero(valid).tolist()
     contaminated = np.zeros(K, dtype=bool)
     contaminated[contamination.contaminated] = True
-    detectable = np.array(
-        [
-            valid[k] and k in contamination.attack and not _in_subspace(contamination.attack[k])
-            for k in range(K)
-        ]
-    )
+    detectable = _detectable(contamination.attack, valid)
     norms = ups.norms()  # (K,) NaN outside the sample
     honest_active = [k for k in active if not contaminated[k]]
     last = round_ + 1 == wl.rounds
@@ -156,6 +151,7 @@ def _multi_round(
     n_att = attacks.assumed_attackers(
         cfg.aggregation.assumed_fraction, cfg.contamination.fraction, len(active)
     )
+    zero = zero_adapter(ups)  # a client that never trained (``local``)
     for method in group.methods:
         t0 = time.perf_counter()
         flagged, reason = non_finite_flags(reported, valid)
@@ -170,7 +166,6 @@ def _multi_round(
         t1 = time.perf_counter()
         metrics = nan_metrics(K)
         if due:
-            zero = _zero_adapter(ups)
             adapters = {k: trajectory.start_of(nxt, k) or zero for k in eval_ids}
             if evaluate:
                 metrics = wl.evaluate_clients(trial, eval_ids, nxt["corr"], adapters)
@@ -194,11 +189,6 @@ def _multi_round(
         )
         if not last or wl.cfg.export_adapters:  # the last round's state is only needed for the export
             out.nexts[method] = nxt
-
-
-def _zero_adapter(ups: ModuleUpdates) -> Factors:
-    """An adapter whose product is 0 (a client that never trained under ``local``)."""
-    return {n: (np.zeros((ups.shape(n)[0], 1)), np.zeros((1, ups.shape(n)[1]))) for n in ups.names}
 
 
 def _next_state(
@@ -340,12 +330,7 @@ def _one_shot(
     active = np.flatnonzero(valid).tolist()
     contaminated = np.zeros(K, dtype=bool)
     contaminated[contamination.contaminated] = True
-    detectable = np.array(
-        [
-            valid[k] and k in contamination.attack and not _in_subspace(contamination.attack[k])
-            for k in range(K)
-        ]
-    )
+    detectable = _detectable(contamination.attack, valid)
     norms = ups.norms()  # (K,)
     honest_eval = [k for k in active if not contaminated[k]]
     method_seed = seeds.derive_seed(cfg.seed, seeds.METHOD, trial, round_)
@@ -409,6 +394,11 @@ def _config_args(wl: LoRAWorkload) -> dict[str, Any]:
         "clair_mode": lw.clair_input,
         "params": wl.cfg.aggregation.params,
     }
+
+
+def _detectable(attack: dict[int, str], valid: np.ndarray) -> np.ndarray:
+    """(K,) detection truth: a valid update of a contaminated client, unless its attack is in-subspace."""
+    return np.array([valid[k] and k in attack and not _in_subspace(attack[k]) for k in range(len(valid))])
 
 
 def _in_subspace(kind: str) -> bool:
