@@ -433,28 +433,28 @@ class LoRAWorkload(Workload):
 
     @contextlib.contextmanager
     def _corrected_base(self, corr: dict[str, np.ndarray]) -> Iterator[Any]:
-        """The resident grouped model with a shared dense correction added to its base weights, restored
-        from a pristine copy afterwards (so nothing accumulates between methods or rounds)."""
+        """The resident grouped model with a shared dense correction added to its base weights; the
+        corrected layers are restored from a pristine copy afterwards, so the base is pristine outside
+        this block (nothing accumulates between methods or rounds) and an empty correction costs nothing.
+        """
         from clair_ray.workloads.lora import adapters as lora
 
         gm = self._resident()
-        if self._originals is None:
+        touched = [n for n in gm.layers if n in corr]
+        if self._originals is None and touched:
             self._originals = {
                 n: lora.linear_weight(layer.base).detach().clone() for n, layer in gm.layers.items()
             }
-        originals = self._originals
         try:
             with torch.no_grad():
-                for n, layer in gm.layers.items():
-                    w = lora.linear_weight(layer.base)  # (out, in) view
-                    w.copy_(originals[n])
-                    if n in corr:  # a copy: plan arrays are read-only
-                        w.add_(torch.as_tensor(np.array(corr[n]), dtype=w.dtype, device=w.device))
+                for n in touched:  # a copy: plan arrays are read-only
+                    w = lora.linear_weight(gm.layers[n].base)  # (out, in) view
+                    w.add_(torch.as_tensor(np.array(corr[n]), dtype=w.dtype, device=w.device))
             yield gm
         finally:
             with torch.no_grad():
-                for n, layer in gm.layers.items():
-                    lora.linear_weight(layer.base).copy_(originals[n])
+                for n in touched:
+                    lora.linear_weight(gm.layers[n].base).copy_(self._originals[n])  # type: ignore[index]
 
     @torch.no_grad()
     def evaluate_clients(
@@ -465,8 +465,8 @@ class LoRAWorkload(Workload):
         forward (the one evaluation path).
 
         The shared correction is added to the resident base weights (:meth:`_corrected_base`); each
-        client's adapter, zero-padded to the
-        LoRA rank, is one group (:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate`).
+        client's adapter, zero-padded to the LoRA rank, is one group
+        (:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate`).
         """
         from clair_ray.workloads.lora.grouped import grouped_evaluate
 
@@ -555,8 +555,7 @@ class LoRAWorkload(Workload):
             personal = {k: f for k, f in (state.get("personal") or {}).items() if k in honest}
             if shared is None and not personal:  # a one-shot global method: the correction is the model
                 r = self.spec.r
-                shape = {n: layer.shape for n, layer in corr.items()}
-                shared = {n: (np.zeros((o, r)), np.zeros((r, i))) for n, (o, i) in shape.items()}
+                shared = {n: (np.zeros((c.shape[0], r)), np.zeros((r, c.shape[1]))) for n, c in corr.items()}
             if shared is not None:
                 written.append(lora.save_adapter(model, shared, d / "global"))
             for k in sorted(personal):
