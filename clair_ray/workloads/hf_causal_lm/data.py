@@ -37,21 +37,26 @@ if TYPE_CHECKING:
 # driver reads data and partitions without them.
 
 __all__ = [
+    "CLIENT_SELECT",
     "PARTITIONS",
     "HFCausalLMConfig",
     "client_subset",
     "load_model",
+    "load_column",
     "load_texts",
     "load_tokenizer",
     "partition",
     "partition_dirichlet",
     "partition_iid",
+    "pad_rows",
+    "partition_natural",
     "partition_quantity",
     "tokenize",
     "write_tiny_model",
 ]
 
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity")
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural")
+CLIENT_SELECT: tuple[str, ...] = ("largest", "random")
 _SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -67,7 +72,13 @@ class HFCausalLMConfig(LoRAWorkloadConfig):
         text_column: Column with the text.
         label_column: Column with a label (needed by the ``dirichlet`` partition).
         max_length: Tokens per sequence (truncated / padded).
-        partition: ``iid``, ``dirichlet`` (over ``label_column``) or ``quantity`` (skewed client sizes).
+        partition: ``iid``, ``dirichlet`` (over ``label_column``), ``quantity`` (skewed client sizes) or
+            ``natural`` (one client per value of ``client_column``, e.g. a Shakespeare character).
+        client_column: ``natural`` partition: the column whose values are the clients.
+        client_select: ``natural`` partition: which of the values with at least ``min_size`` samples
+            become the K clients: the ``largest`` (ties by value) or a seeded ``random`` sample.
+        max_client_samples: ``natural`` partition: at most this many samples per client (a seeded subset
+            in file order; 0: all), so that a few very large clients do not dominate the run time.
         partition_alpha: Dirichlet concentration of ``dirichlet`` / ``quantity`` (smaller: more skewed).
         min_size: Fewest samples a client may get.
         test_fraction: Share of each client's samples held out for its evaluation.
@@ -85,6 +96,9 @@ class HFCausalLMConfig(LoRAWorkloadConfig):
     min_size: int = 2
     test_fraction: float = 0.25
     max_samples: int = 0
+    client_column: str | None = None
+    client_select: str = "largest"
+    max_client_samples: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +141,30 @@ class HFCausalLMConfig(LoRAWorkloadConfig):
                 ),
                 (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)"),
                 (self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0 (0: all)"),
+                (
+                    self.partition != "natural" or bool(self.client_column),
+                    "client_column",
+                    self.client_column,
+                    "must name a column with partition=natural",
+                ),
+                (
+                    self.client_select in CLIENT_SELECT,
+                    "client_select",
+                    self.client_select,
+                    f"must be one of {list(CLIENT_SELECT)}",
+                ),
+                (
+                    self.max_client_samples == 0 or self.max_client_samples >= self.min_size,
+                    "max_client_samples",
+                    self.max_client_samples,
+                    f"must be 0 (all) or >= min_size={self.min_size}",
+                ),
+                (
+                    self.partition != "natural" or self.max_samples == 0,
+                    "max_samples",
+                    self.max_samples,
+                    "must be 0 with partition=natural (cap clients with max_client_samples)",
+                ),
             ],
         )
 
@@ -254,6 +292,32 @@ def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
     return list(texts), (rows[cfg.label_column] if cfg.label_column else None)
 
 
+def load_column(cfg: HFCausalLMConfig, column: str) -> list:
+    """One column of ``data_path`` (e.g. ``client_column``), in file order.
+
+    Raises:
+        ValueError: On a missing file or column.
+    """
+    values: list = []
+    for f in _data_files(Path(cfg.data_path)):
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(f).names
+            if column not in names:
+                raise ValueError(f"{f}: no column {column!r}; columns: {names}")
+            values.extend(pq.read_table(f, columns=[column]).column(column).to_pylist())
+        else:
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if line.strip():
+                        rec = json.loads(line)
+                        if column not in rec:
+                            raise ValueError(f"{f}:{i + 1}: no field {column!r}")
+                        values.append(rec[column])
+    return values
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenises texts to fixed-length rows; padding is masked out of the loss.
 
@@ -267,6 +331,15 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str,
     ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()  # (n, T)
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_rows(data: Mapping[str, torch.Tensor], t: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads tokenised rows to T = ``t`` tokens (padding masked out and unlabelled)."""
+    extra = t - data["input_ids"].shape[1]
+    if extra <= 0:
+        return dict(data)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in data.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,6 +409,61 @@ def partition_dirichlet(
     )
 
 
+def partition_natural(
+    values: Sequence,
+    n_clients: int,
+    min_size: int,
+    select: str = "largest",
+    seed: int = 0,
+    max_per_client: int = 0,
+) -> tuple[list[np.ndarray], list]:
+    """One client per value of a column: the data's own partition (e.g. a character of a play).
+
+    Values with at least ``min_size`` samples qualify; the K clients are the ``largest`` of them (more
+    samples first, ties by value) or a seeded ``random`` sample, returned in that order.
+
+    Args:
+        values: (n,) the client column, one value per sample.
+        n_clients: K.
+        min_size: Fewest samples a qualifying value has.
+        select: ``largest`` or ``random``.
+        seed: Seed of the ``random`` selection and of the ``max_per_client`` subsets.
+        max_per_client: At most this many samples per client, a seeded subset (0: all).
+
+    Returns:
+        (K sorted index arrays into ``values``, the K client values).
+
+    Raises:
+        ValueError: If fewer than K values have ``min_size`` samples.
+    """
+    _check_clients(len(values), n_clients)
+    groups: dict = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)
+    ok = sorted(
+        (v for v, idx in groups.items() if len(idx) >= min_size), key=lambda v: (-len(groups[v]), repr(v))
+    )
+    if len(ok) < n_clients:
+        raise ValueError(
+            f"only {len(ok)} of the {len(groups)} client values have at least min_size={min_size} samples, "
+            f"fewer than num_clients={n_clients}; lower min_size or num_clients"
+        )
+    rng = np.random.default_rng(seed)
+    if select == "largest":
+        chosen = ok[:n_clients]
+    elif select == "random":
+        chosen = [ok[i] for i in np.sort(rng.choice(len(ok), n_clients, replace=False))]
+    else:
+        raise ValueError(f"client_select must be one of {list(CLIENT_SELECT)}, got {select!r}")
+    parts = []
+    for v in chosen:
+        idx = np.asarray(groups[v], dtype=np.int64)
+        if max_per_client and len(idx) > max_per_client:
+            idx = np.sort(rng.choice(idx, max_per_client, replace=False))
+        parts.append(idx)
+    return parts, chosen
+
+
 def partition(
     cfg: HFCausalLMConfig, n: int, n_clients: int, seed: int, labels: Sequence | None = None
 ) -> list[np.ndarray]:
@@ -343,6 +471,8 @@ def partition(
     returns K sorted index arrays."""
     if cfg.partition == "iid":
         return partition_iid(n, n_clients, seed)
+    if cfg.partition == "natural":
+        raise ValueError("the natural partition needs the client column: use partition_natural")
     if cfg.partition == "quantity":
         return partition_quantity(n, n_clients, cfg.partition_alpha, seed, cfg.min_size)
     if labels is None:

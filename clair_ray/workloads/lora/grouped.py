@@ -59,6 +59,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from clair_ray.workloads.lora.loop import adamw_steps, metrics_from_stats, token_stats
+from clair_ray.workloads.lora.prefix import (
+    FrozenPrefix,
+    chunked_token_ce,
+    chunked_token_stats,
+    layer_index,
+    output_layer,
+)
 
 __all__ = [
     "GroupedLoRALinear",
@@ -266,6 +273,9 @@ class GroupedLoRAModel:
         r: int,
         lora_alpha: float,
         n_clients: int = 1,
+        layers: Sequence[int] = (),
+        reuse_prefix: bool = False,
+        loss_chunk: int = 0,
     ) -> None:
         """Freezes ``model`` and replaces its target modules (in place; pass a copy to keep the original).
 
@@ -275,6 +285,11 @@ class GroupedLoRAModel:
             r: LoRA rank.
             lora_alpha: LoRA alpha (``scaling = lora_alpha / r``, peft's default without rsLoRA).
             n_clients: Initial G (:meth:`load_clients` changes it).
+            layers: Adapt only targets in these decoder layers (peft's ``layers_to_transform``; empty: all).
+            reuse_prefix: Split off the frozen layers below the lowest adapted one
+                (:class:`~clair_ray.workloads.lora.prefix.FrozenPrefix`) where the architecture allows;
+                callers then pass its hidden states (``hidden=``) instead of recomputing them.
+            loss_chunk: Output-layer rows per chunk (0: whole logits, the model's own forward).
 
         Raises:
             ValueError: If no Linear/Conv1D module matches, or a match is of another type.
@@ -291,6 +306,8 @@ class GroupedLoRAModel:
         for name, mod in list(model.named_modules()):
             if not name or not _matches(name, target_modules):
                 continue
+            if layers and layer_index(name) not in layers:
+                continue
             if type(mod) not in (nn.Linear, Conv1D):
                 raise ValueError(f"target module {name!r} is a {type(mod).__name__}, not Linear/Conv1D")
             parent_name, _, child = name.rpartition(".")
@@ -298,7 +315,13 @@ class GroupedLoRAModel:
             setattr(model.get_submodule(parent_name), child, layer)
             self.layers[name] = layer
         if not self.layers:
-            raise ValueError(f"target_modules={list(target_modules)!r} match no module of the model")
+            where = f" in layers {list(layers)}" if layers else ""
+            raise ValueError(f"target_modules={list(target_modules)!r} match no module of the model{where}")
+        self.loss_chunk = int(loss_chunk)
+        self.prefix: FrozenPrefix | None = None
+        first = min(layer_index(n) or 0 for n in self.layers)
+        if reuse_prefix and layers and first > 0 and FrozenPrefix.supported(model):
+            self.prefix = FrozenPrefix(model, first)
 
     @property
     def n_clients(self) -> int:
@@ -470,11 +493,23 @@ class GroupedLoRAModel:
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
         return logits.view(*input_ids.shape, -1)
 
+    def _final_hidden(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(G*b, T, H) final hidden states: from the frozen prefix's ``hidden`` (G*b, T, H), or whole."""
+        if hidden is not None:
+            if self.prefix is None:
+                raise ValueError("hidden states given but this model has no frozen prefix (reuse_prefix)")
+            return self.prefix.suffix(hidden.reshape(*ids.shape, -1), mask)
+        body = self.model.base_model
+        return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
     def client_losses(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each client's mean next-token loss on its sub-batch (with autograd; wrap in no_grad to evaluate).
 
@@ -482,6 +517,8 @@ class GroupedLoRAModel:
             input_ids: (G, b, T).
             labels: (G, b, T), -100 where not trained on; default ``input_ids`` (every token).
             attention_mask: Optional (G, b, T).
+            hidden: Optional (G, b, T, H): the frozen prefix's output for these sequences
+                (:meth:`prefix_hidden`); the layers below the first adapted one are then skipped.
 
         Returns:
             (G,) losses.
@@ -490,8 +527,46 @@ class GroupedLoRAModel:
         ids = self._flat(input_ids, "input_ids")
         lab = ids if labels is None else self._flat(labels, "labels")
         mask = self._flat(attention_mask, "attention_mask")
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
-        return grouped_token_loss(logits, lab, g)[0]
+        if hidden is None and not self.loss_chunk:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
+            return grouped_token_loss(logits, lab, g)[0]
+        h = self._final_hidden(ids, mask, hidden)  # (G*b, T, H)
+        weight, bias = output_layer(self.model)
+        ce, seq = chunked_token_ce(h, lab, weight, bias, self.loss_chunk or h.shape[0] * h.shape[1])  # (M,)
+        group = torch.div(seq, ids.shape[0] // g, rounding_mode="floor")  # sequence -> its client
+        total = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, ce)
+        count = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, torch.ones_like(ce))
+        return total / count.clamp_min(1)
+
+    @torch.no_grad()
+    def prefix_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(n, T, H) the frozen prefix's output of n sequences (adapter-independent; cache and reuse it)."""
+        if self.prefix is None:
+            raise ValueError("this model has no frozen prefix (reuse_prefix with layers above layer 0)")
+        return self.prefix.hidden(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def sequence_stats(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Per client and sequence (G, b): summed token loss, scored tokens, right tokens, exact match
+        (:func:`~clair_ray.workloads.lora.loop.token_stats`), with or without the prefix and chunks."""
+        g, b = input_ids.shape[:2]
+        ids = self._flat(input_ids, "input_ids")
+        lab = self._flat(labels, "labels")
+        mask = self._flat(attention_mask, "attention_mask")
+        if hidden is None and not self.loss_chunk:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
+            stats = token_stats(logits[:, :-1], lab[:, 1:])
+        else:
+            h = self._final_hidden(ids, mask, hidden)
+            weight, bias = output_layer(self.model)
+            stats = chunked_token_stats(h, lab, weight, bias, self.loss_chunk or h.shape[0] * h.shape[1])
+        return tuple(t.view(g, b) for t in stats)
 
     def train_steps(
         self,
@@ -541,7 +616,10 @@ class GroupedLoRAModel:
 
 @torch.no_grad()
 def grouped_evaluate(
-    gm: GroupedLoRAModel, data: Sequence[Mapping[str, torch.Tensor]], rows: int = 64
+    gm: GroupedLoRAModel,
+    data: Sequence[Mapping[str, torch.Tensor]],
+    rows: int = 64,
+    hidden: Sequence[torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`clair_ray.workloads.lora.evaluate_lm`'s loss and exact match for every loaded client at once.
 
@@ -552,50 +630,48 @@ def grouped_evaluate(
     Args:
         gm: The model with G clients loaded (:meth:`GroupedLoRAModel.load_clients`).
         data: G dicts of ``input_ids``, ``labels`` (n_g, T) and optional ``attention_mask``; one T.
-        rows: Sequences per client per forward (memory: G · rows · T · V logits).
+        rows: Sequences per client per forward (memory: G · rows · T · V logits without ``loss_chunk``).
+        hidden: Optional G tensors (n_g, T, H): each client's frozen-prefix states of ``data[g]``
+            (:meth:`GroupedLoRAModel.prefix_hidden`), so only the adapted layers run.
 
     Returns:
         Per client ``{"loss": mean over labelled tokens, "exact_match": fraction of sequences,
         "token_accuracy": fraction of labelled tokens predicted right}``.
     """
     g = gm.n_clients
-    if len(data) != g:
+    if len(data) != g or (hidden is not None and len(hidden) != g):
         raise ValueError(f"data: {len(data)} clients for {g} loaded adapters")
     was_training = gm.model.training
     gm.model.eval()
+    device = next(gm.model.parameters()).device
     n_max = max(len(d["input_ids"]) for d in data)
-    tot, tok, exact = torch.zeros(g, dtype=torch.float64), torch.zeros(g), torch.zeros(g)
-    correct = torch.zeros(g)
+    tot = torch.zeros(4, g, dtype=torch.float64)  # loss, tokens, right, exact
+    keys = ["input_ids", "labels", *(["attention_mask"] if "attention_mask" in data[0] else [])]
     for s0 in range(0, n_max, rows):
         width = min(rows, n_max - s0)
-        ids, labels, masks = [], [], []
-        for d in data:
-            x, y = d["input_ids"][s0 : s0 + rows], d["labels"][s0 : s0 + rows]
-            m = d["attention_mask"][s0 : s0 + rows] if "attention_mask" in d else None
-            pad = width - x.shape[0]
-            if pad:  # copies of the client's first sequence, with no label
-                x = torch.cat([x, d["input_ids"][:1].expand(pad, -1)])
-                y = torch.cat([y, torch.full((pad, y.shape[1]), -100, dtype=y.dtype)])
-                if m is not None:
-                    m = torch.cat([m, d["attention_mask"][:1].expand(pad, -1)])
-            ids.append(x)
-            labels.append(y)
-            if m is not None:
-                masks.append(m)
-        device = next(gm.model.parameters()).device
-        x_all = torch.stack(ids).to(device)  # (G, width, T)
-        y_all = torch.stack(labels)[:, :, 1:].to(device)  # (G, width, T-1): position t predicts t + 1
-        m_all = torch.stack(masks).to(device) if masks else None
-        logits = gm.forward(x_all, m_all)[:, :, :-1]  # (G, width, T-1, V)
-        loss, tokens, right, exact_ = token_stats(logits, y_all)  # (G, width) each
-        tot += loss.sum(dim=1).cpu()
-        tok += tokens.sum(dim=1).cpu()
-        exact += exact_.sum(dim=1).cpu()
-        correct += right.sum(dim=1).cpu()
+        cols: dict[str, list[torch.Tensor]] = {k: [] for k in [*keys, "hidden"]}
+        for j, d in enumerate(data):
+            parts = {k: d[k][s0 : s0 + rows] for k in keys}
+            if hidden is not None:
+                parts["hidden"] = hidden[j][s0 : s0 + rows]
+            pad = width - parts["input_ids"].shape[0]
+            for k, v in parts.items():
+                if pad:  # copies of the client's first sequence, with no label
+                    first = (d[k] if k != "hidden" else hidden[j])[:1]  # type: ignore[index]
+                    extra = torch.full_like(first, -100) if k == "labels" else first
+                    v = torch.cat([v, extra.expand(pad, *v.shape[1:])])
+                cols[k].append(v)
+        t = {k: torch.stack(v).to(device) for k, v in cols.items() if v}  # (G, width, T[, H])
+        h = t.get("hidden")
+        stats = gm.sequence_stats(
+            t["input_ids"], t["labels"], t.get("attention_mask"), None if h is None else h.flatten(0, 1)
+        )
+        tot += torch.stack([x.double().sum(dim=1).cpu() for x in stats])
     gm.model.train(was_training)
+    loss, tok, correct, exact = tot
     return [
         metrics_from_stats(
-            float(tot[j]), float(tok[j]), float(correct[j]), float(exact[j]), len(data[j]["input_ids"])
+            float(loss[j]), float(tok[j]), float(correct[j]), float(exact[j]), len(data[j]["input_ids"])
         )
         for j in range(g)
     ]

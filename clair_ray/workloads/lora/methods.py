@@ -140,6 +140,13 @@ class ModuleUpdates:
         self.dense(n)[k] = update
         self.pairs[n][k] = as_pair(update.numpy())
 
+    def scale(self, n: str, k: int, factor: float) -> None:
+        """Multiplies client k's update of module n by ``factor`` (its factor pair keeps its rank)."""
+        b, a = self.pairs[n][k]  # type: ignore[misc]
+        self.pairs[n][k] = (factor * b, a)
+        if n in self._dense:
+            self._dense[n][k] *= factor
+
     def mean(self, n: str, ids: list[int], weights: np.ndarray | None = None) -> np.ndarray:
         """(out, in) mean update of module n over ``ids`` (through the factors unless dense exists).
 

@@ -314,6 +314,16 @@ def _attack_updates(
             dense = ups.dense(n)
             honest = dense[honest_ids] if honest_ids else None
             ups.set_dense(n, k, attacks.apply_update_attack(kind, dense[k].clone(), honest, g, ctx, **params))
+    for k, kind in contamination.attack.items():  # a boosted data attack (model replacement): scaled update
+        boost = (
+            float(wl.cfg.contamination.params.get(kind, {}).get("boost", 1.0))
+            if kind.startswith("data_")
+            else 1.0
+        )
+        if boost != 1.0 and finite[k]:
+            done.add(k)
+            for n in ups.names:
+                ups.scale(n, k, boost)
     return done
 
 

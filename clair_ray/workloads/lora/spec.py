@@ -48,6 +48,15 @@ class LoraSpec:
             paper's refinement carried over rounds: the mean goes into the shared base for everyone and
             each detected-honest sampled client keeps its own deviation projected on the refinement
             bases (``aggregation.refine``) in its own adapter, truncated to rank r).
+        layers: Adapt the targets in these decoder layers only (peft's ``layers_to_transform``; empty:
+            every layer). Backpropagation stops at the lowest adapted layer.
+        reuse_prefix: With ``layers`` set, compute the frozen hidden states below the lowest adapted layer
+            once per sequence and reuse them across local steps, rounds and every method's evaluation
+            (exact; Llama-style decoders, others run the whole model).
+        loss_chunk: Tokens per chunk of the output layer (0: whole logits at once). With a large
+            vocabulary the logits of a grouped batch are the largest tensor of a step; chunked, only the
+            labelled positions go through the output layer and at most this many at a time, recomputed
+            in the backward pass instead of stored.
     """
 
     r: int = 4
@@ -63,6 +72,9 @@ class LoraSpec:
     eval_every: int = 1
     clair_input: str = "factors"
     rounds_mode: str = "global"
+    layers: list[int] = field(default_factory=list)
+    reuse_prefix: bool = True
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         ints = [
@@ -74,6 +86,7 @@ class LoraSpec:
                 ("early_steps", 0),
                 ("batch", 1),
                 ("eval_every", 0),
+                ("loss_chunk", 0),
             )
         ]
         checks = [
@@ -118,6 +131,15 @@ class LoraSpec:
                 self.targets,
                 "must be a list of module names",
             ),
+            (
+                not isinstance(self.layers, (str, int))
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+                and len(set(self.layers)) == len(self.layers),
+                "layers",
+                self.layers,
+                "must be a list of distinct layer indices >= 0",
+            ),
+            (isinstance(self.reuse_prefix, bool), "reuse_prefix", self.reuse_prefix, "must be true or false"),
         ]
         check_fields("workload.lora", checks)
 

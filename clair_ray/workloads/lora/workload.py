@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,8 @@ StackedFactors = dict[str, tuple[np.ndarray, np.ndarray]]
 #: Evaluation: clients per grouped forward, and held-out sequences per client per forward.
 EVAL_GROUP = 16
 EVAL_ROWS = 64
+#: Frozen-prefix states an actor keeps before starting over (recomputing them is exact, only slower).
+PREFIX_CACHE_BYTES = 2 << 30
 
 
 def _stack(factors: list[Factors]) -> StackedFactors:
@@ -107,6 +109,8 @@ class LoRAWorkload(Workload):
         # The resident peft model (train_one, the plain-peft reference): every use loads its adapter.
         self._peft: Any = None
         self._originals: dict[str, torch.Tensor] | None = None  # pristine base weights (corrections)
+        self._prefixes: dict[tuple, torch.Tensor] = {}  # frozen-prefix hidden states (prefix_states)
+        self._prefix_bytes = 0
 
     @classmethod
     def methods(cls) -> tuple[str, ...]:
@@ -241,14 +245,49 @@ class LoRAWorkload(Workload):
             self._quiet_transformers()
             model = self.load_base_model().to(device=device, dtype=dtype)
             spec = self.spec
-            self._grouped = GroupedLoRAModel(model, spec.targets, spec.r, spec.alpha)
+            self._grouped = GroupedLoRAModel(
+                model,
+                spec.targets,
+                spec.r,
+                spec.alpha,
+                layers=spec.layers,
+                reuse_prefix=spec.reuse_prefix,
+                loss_chunk=spec.loss_chunk,
+            )
             self._init_state = self._grouped.init_client_state(spec.init_seed)
         return self._grouped
 
+    def prefix_states(self, key: tuple, data: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(n, T, H) the frozen prefix's hidden states of ``data``'s rows, computed once per ``key`` (e.g.
+        ``(trial, k, "train")``) and reused by every later step, round and method; None without a prefix
+        (``workload.lora.reuse_prefix`` off, no ``layers``, or an unsupported architecture)."""
+        gm = self._resident()
+        if gm.prefix is None:
+            return None
+        if key not in self._prefixes:
+            if self._prefix_bytes > PREFIX_CACHE_BYTES:  # a bound, not an LRU: recomputing is exact
+                self._prefixes.clear()
+                self._prefix_bytes = 0
+            device = next(gm.model.parameters()).device
+            ids, mask = data["input_ids"], data.get("attention_mask")
+            h = torch.cat(
+                [
+                    gm.prefix_hidden(
+                        ids[i : i + EVAL_ROWS].to(device),
+                        None if mask is None else mask[i : i + EVAL_ROWS].to(device),
+                    )
+                    for i in range(0, len(ids), EVAL_ROWS)
+                ]
+            )  # (n, T, H)
+            self._prefixes[key] = h
+            self._prefix_bytes += h.numel() * h.element_size()
+        return self._prefixes[key]
+
     def _steps_batches(
         self, trial: int, jobs: list[ClientJob]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(S, G, b, T) input ids, labels and attention mask of every step of every client in ``jobs``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """(S, G, b, T) input ids, labels and attention mask of every step of every client in ``jobs``,
+        and per client the (S, b) rows of its training data that they are.
 
         Clients with fewer than ``batch`` sequences draw smaller batches; their rows are padded to the
         group's b with copies whose labels are all -100, which adds no labelled token and so leaves the
@@ -262,22 +301,22 @@ class LoRAWorkload(Workload):
         ]
         b = max(i.shape[1] for i in idx)
         has_mask = "attention_mask" in data[0]
-        ids, labels, masks = [], [], []
+        ids, labels, masks, rows = [], [], [], []
         for d, i in zip(data, idx, strict=True):  # i: (S, b_k)
             pad = b - i.shape[1]
-            x, y = d["input_ids"][i], d["labels"][i]  # (S, b_k, T)
-            m = d["attention_mask"][i] if has_mask else None
-            if pad:
-                x = torch.cat([x, x[:, :1].expand(-1, pad, -1)], dim=1)
-                y = torch.cat([y, torch.full_like(y[:, :1], -100).expand(-1, pad, -1)], dim=1)
-                if m is not None:
-                    m = torch.cat([m, m[:, :1].expand(-1, pad, -1)], dim=1)
+            real = torch.ones_like(i, dtype=torch.bool)
+            if pad:  # copies of each step's first row, unlabelled
+                i = torch.cat([i, i[:, :1].expand(-1, pad)], dim=1)
+                real = torch.cat([real, torch.zeros_like(real[:, :1]).expand(-1, pad)], dim=1)
+            x, y = d["input_ids"][i], d["labels"][i]  # (S, b, T)
+            y = y.masked_fill(~real[..., None], -100)
             ids.append(x)
             labels.append(y)
-            if m is not None:
-                masks.append(m)
+            rows.append(i)
+            if has_mask:
+                masks.append(d["attention_mask"][i])
         mask = torch.stack(masks, dim=1) if has_mask else None
-        return torch.stack(ids, dim=1), torch.stack(labels, dim=1), mask  # (S, G, b, T) each
+        return torch.stack(ids, dim=1), torch.stack(labels, dim=1), mask, rows  # (S, G, b, T) each
 
     def _start_state(self, gm: Any, start: Factors | None) -> dict[str, Any]:
         if start is None:
@@ -294,15 +333,22 @@ class LoRAWorkload(Workload):
         gm = self._resident()
         device = next(gm.model.parameters()).device
         lw = self.lw
-        ids, labels, mask = self._steps_batches(trial, jobs)
+        ids, labels, mask, rows = self._steps_batches(trial, jobs)
         ids, labels = ids.to(device), labels.to(device)
         mask = None if mask is None else mask.to(device)
+        prefixes = [
+            self.prefix_states((trial, j.client_id, "train"), self.train_data(trial, j.client_id))
+            for j in jobs
+        ]
         gm.load_clients([self._start_state(gm, trajectory.start_of(start, j.client_id)) for j in jobs])
         gm.model.train()
         early: list | None = None
 
         def step_losses(s: int) -> torch.Tensor:
-            return gm.client_losses(ids[s], labels[s], None if mask is None else mask[s])  # (G,)
+            hidden = None
+            if prefixes[0] is not None:  # (G, b, T, H): each client's cached rows of this step
+                hidden = torch.stack([p[r[s]] for p, r in zip(prefixes, rows, strict=True)])  # type: ignore[index]
+            return gm.client_losses(ids[s], labels[s], None if mask is None else mask[s], hidden)  # (G,)
 
         def snapshot(done: int) -> None:  # the early-stopped local baseline: AdamW's first steps don't
             nonlocal early  # depend on how many follow, so this equals a separate short run
@@ -468,8 +514,6 @@ class LoRAWorkload(Workload):
         client's adapter, zero-padded to the LoRA rank, is one group
         (:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate`).
         """
-        from clair_ray.workloads.lora.grouped import grouped_evaluate
-
         res = nan_metrics(self.K)
         if not clients:
             return res
@@ -487,11 +531,38 @@ class LoRAWorkload(Workload):
                         padded[n] = (pb, pa)
                     states.append(gm.state_from_factors(padded))
                 gm.load_clients(states)
-                out = grouped_evaluate(gm, [self.test_data(trial, k) for k in chunk], rows=EVAL_ROWS)
+                out = self._evaluate_set(gm, trial, chunk, "test", self.test_data)
                 for j, k in enumerate(chunk):
                     for name, key in EVAL_METRICS.items():
                         res[name][k] = out[j][key]
+                for name in self.probes():  # exact match on the probe's labelled tokens
+                    got = self._evaluate_set(
+                        gm, trial, chunk, name, lambda t, k, n=name: self.probe_data(t, k, n)
+                    )
+                    res.setdefault(name, np.full(self.K, np.nan))
+                    for j, k in enumerate(chunk):
+                        res[name][k] = got[j]["exact_match"]
         return res
+
+    def _evaluate_set(
+        self, gm: Any, trial: int, chunk: list[int], kind: str, rows_of: Callable[[int, int], dict]
+    ) -> list[dict[str, float]]:
+        """:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate` of the loaded clients ``chunk`` on
+        their ``kind`` rows, through the cached frozen prefix where there is one."""
+        from clair_ray.workloads.lora.grouped import grouped_evaluate
+
+        data = [rows_of(trial, k) for k in chunk]
+        hidden = [self.prefix_states((trial, k, kind), d) for k, d in zip(chunk, data, strict=True)]
+        return grouped_evaluate(gm, data, rows=EVAL_ROWS, hidden=None if hidden[0] is None else hidden)  # type: ignore[arg-type]
+
+    def probes(self) -> tuple[str, ...]:
+        """Extra client metrics: each is the exact match of a client's model on its :meth:`probe_data` rows
+        (e.g. a backdoor's attack success rate); none by default."""
+        return ()
+
+    def probe_data(self, trial: int, k: int, name: str) -> dict[str, torch.Tensor]:
+        """Client k's rows of probe ``name`` (only the tokens to get right labelled)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no probe {name!r}")
 
     def evaluate_batch(self, trial: int, plan: Any, clients: list[int]) -> dict[str, dict[str, Any]]:
         """Held-out evaluation of some clients under every method of an evaluation plan (client actors).
@@ -514,7 +585,10 @@ class LoRAWorkload(Workload):
                 continue
             adapters = dict.fromkeys(mine, p["shared"]) if p["shared"] is not None else p["adapters"]
             got = self.evaluate_clients(trial, mine, p["corr"], adapters)
-            out[method] = {"clients": mine, **{name: got[name][mine].tolist() for name in EVAL_METRICS}}
+            out[method] = {
+                "clients": mine,
+                **{name: got[name][mine].tolist() for name in (*EVAL_METRICS, *self.probes())},
+            }
         return out
 
     # ---- driver: export -----------------------------------------------------------------------------

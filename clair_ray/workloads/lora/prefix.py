@@ -1,0 +1,209 @@
+"""CPU speed for a real LLM: the frozen prefix computed once, and the output layer in chunks.
+
+**Frozen prefix.** When LoRA adapts only the top decoder layers (``workload.lora.layers``), everything
+below the lowest adapted layer is frozen and sees only the input, so its output (the hidden states that
+enter that layer) is a pure function of the token ids and the attention mask. :class:`FrozenPrefix`
+computes it once per sequence; training steps, rounds and every method's evaluation then run only the
+layers from the lowest adapted one up. The shared dense corrections of the methods touch adapted modules
+only, so they never change a prefix. Exact: the suffix runs the same modules on the same inputs (tests
+compare losses with and without reuse). Supported for decoders whose body has ``embed_tokens``, a
+``layers`` list, ``norm`` and ``rotary_emb`` (Llama, Mistral, Qwen2, SmolLM2, ...) and takes
+``inputs_embeds`` as the input of its first layer; GPT-2 adds position embeddings to ``inputs_embeds``,
+so it runs whole (:meth:`FrozenPrefix.supported` says which).
+
+**Chunked output layer.** With a 49,152-token vocabulary the logits of a grouped batch (G·b·T·V floats)
+are the largest tensors of a step, forward and backward. :func:`chunked_token_ce` sends only the labelled
+positions through the output layer, at most ``chunk`` rows at a time, and recomputes each chunk's logits in
+the backward pass instead of storing them: memory O(chunk · V), the same numbers as the full cross-entropy
+up to float round-off (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FrozenPrefix", "chunked_token_ce", "chunked_token_stats", "layer_index", "output_layer"]
+
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The decoder-layer index in a module name (``model.layers.29.self_attn.q_proj`` -> 29), or None.
+
+    peft's ``layers_to_transform`` rule without ``layers_pattern``: the number between dots.
+    """
+    m = _INDEX.search(module_name)
+    return int(m.group(1)) if m else None
+
+
+def output_layer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, H), bias (V,) or None) of a causal LM's output layer.
+
+    Raises:
+        ValueError: If the model scales or caps its logits after the output layer (the chunked loss
+            would then differ from the model's own).
+    """
+    conf = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(conf, attr, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"workload.lora.loss_chunk: {type(model).__name__} applies {attr}; set loss_chunk: 0"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"workload.lora.loss_chunk: the output layer is a {type(head).__name__}, not Linear")
+    return head.weight, head.bias
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Per-row cross-entropy of ``h W^T + bias`` against ``tgt``, logits never held whole."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        tgt: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        m = h.shape[0]
+        ce = torch.empty(m, dtype=torch.float32, device=h.device)
+        lse = torch.empty(m, dtype=torch.float32, device=h.device)
+        for s in range(0, m, chunk):
+            logits = _logits(h[s : s + chunk], weight, bias)  # (c, V) float32
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            ce[s : s + chunk] = lse[s : s + chunk] - logits.gather(1, tgt[s : s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(h, weight, bias, tgt, lse)
+        ctx.chunk = chunk
+        return ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight, bias, tgt, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_h = torch.empty_like(h)
+        for s in range(0, h.shape[0], chunk):
+            p = (_logits(h[s : s + chunk], weight, bias) - lse[s : s + chunk, None]).exp_()  # softmax (c, V)
+            p.scatter_add_(1, tgt[s : s + chunk, None], torch.full_like(p[:, :1], -1.0))  # - one-hot
+            p.mul_(grad[s : s + chunk, None])
+            grad_h[s : s + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
+        return grad_h, None, None, None, None
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The model's own dtype for the product, float32 for the softmax (as transformers' loss does).
+    out = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+    return out.float()
+
+
+def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows (M, H) that predict a labelled token, their targets (M,), their sequence index (M,))."""
+    h, tgt = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    pos = (tgt != -100).nonzero(as_tuple=False)  # (M, 2): (sequence, position)
+    return h[pos[:, 0], pos[:, 1]], tgt[pos[:, 0], pos[:, 1]], pos[:, 0]
+
+
+def chunked_token_ce(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every labelled position, the output layer applied in chunks.
+
+    Args:
+        hidden: (n, T, H) the final (normed) hidden states.
+        labels: (n, T), -100 where not trained on.
+        weight: (V, H) output layer; bias (V,) or None. Frozen: no gradient is computed for them.
+        chunk: Rows per chunk.
+
+    Returns:
+        (per-position losses (M,) float32 with autograd to ``hidden``, their sequence index (M,)).
+    """
+    h, tgt, seq = _labelled(hidden, labels)
+    return _ChunkedCE.apply(h, weight, bias, tgt, max(1, int(chunk))), seq
+
+
+@torch.no_grad()
+def chunked_token_stats(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int
+) -> tuple[torch.Tensor, ...]:
+    """:func:`clair_ray.workloads.lora.loop.token_stats` per sequence, the output layer in chunks.
+
+    Args:
+        hidden: (n, T, H) final hidden states; labels (n, T).
+
+    Returns:
+        Per sequence (n,): summed token loss (float64), scored tokens, right tokens, exact match.
+    """
+    h, tgt, seq = _labelled(hidden, labels)
+    n = hidden.shape[0]
+    loss = torch.zeros(n, dtype=torch.float64, device=hidden.device)
+    right = torch.zeros(n, device=hidden.device)
+    for s in range(0, h.shape[0], max(1, int(chunk))):
+        logits = _logits(h[s : s + chunk], weight, bias)  # (c, V)
+        t = tgt[s : s + chunk]
+        ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+        loss.index_add_(0, seq[s : s + chunk], ce.double())
+        right.index_add_(0, seq[s : s + chunk], (logits.argmax(-1) == t).float())
+    tokens = (labels[:, 1:] != -100).sum(dim=1).float()
+    exact = ((right == tokens) & (tokens > 0)).float()
+    return loss, tokens, right, exact
+
+
+class FrozenPrefix:
+    """A Llama-style decoder split at layer ``first``: the frozen prefix below it and the rest.
+
+    Attributes:
+        first: Index of the lowest adapted layer.
+    """
+
+    def __init__(self, model: nn.Module, first: int) -> None:
+        """Splits ``model`` (not copied; its modules are swapped only for the length of a call).
+
+        Raises:
+            ValueError: If the architecture is not supported or ``first`` is out of range.
+        """
+        if not self.supported(model):
+            raise ValueError(f"frozen-prefix reuse does not support {type(model).__name__}")
+        self.body = model.base_model
+        n = len(self.body.layers)
+        if not 0 < first < n:
+            raise ValueError(f"first adapted layer {first} must be in [1, {n})")
+        self.first = int(first)
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        """Whether ``model``'s body is a Llama-style decoder (see the module docstring)."""
+        body = getattr(model, "base_model", None)
+        return all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) and isinstance(
+            getattr(body, "layers", None), nn.ModuleList
+        )
+
+    @contextlib.contextmanager
+    def _swapped(self, layers: list[nn.Module], norm: nn.Module) -> Iterator[None]:
+        body = self.body
+        old_layers, old_norm = body.layers, body.norm
+        body.layers, body.norm = nn.ModuleList(layers), norm
+        try:
+            yield
+        finally:
+            body.layers, body.norm = old_layers, old_norm
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(n, T, H) the input of layer ``first`` (the output of the frozen layers below it)."""
+        with self._swapped(list(self.body.layers[: self.first]), nn.Identity()):
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def suffix(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(n, T, H) the final normed hidden states from a prefix (with autograd through the adapters)."""
+        with self._swapped(list(self.body.layers[self.first :]), self.body.norm):
+            out = self.body(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
