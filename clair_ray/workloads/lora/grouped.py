@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from clair_ray.workloads.lora.loop import adamw_steps, metrics_from_stats, token_stats
+from clair_ray.workloads.lora.loop import adamw_steps, grouped_token_loss, token_stats
 from clair_ray.workloads.lora.prefix import (
     FrozenPrefix,
     chunked_token_ce,
@@ -71,8 +71,6 @@ __all__ = [
     "GroupedLoRALinear",
     "GroupedLoRAModel",
     "PEFT_PREFIX",
-    "grouped_evaluate",
-    "grouped_token_loss",
 ]
 
 #: Prefix of every key in a peft adapter state dict (``PeftModel.base_model.model``).
@@ -224,32 +222,6 @@ class GroupedLoRALinear(nn.Module):
         )
 
 
-def grouped_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, n_groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's mean next-token cross-entropy over its labelled positions (labels -100 ignored).
-
-    The same loss as transformers' ``ForCausalLMLoss`` (float32 logits, shift by one, mean over labelled
-    tokens) and :func:`clair_ray.workloads.lora.lm_loss`, but per group.
-
-    Args:
-        logits: (G*b, T, V).
-        labels: (G*b, T), -100 where not trained on.
-        n_groups: G.
-
-    Returns:
-        (per-group mean losses (G,), per-group labelled-token counts (G,)).
-    """
-    logits, tgt = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    mask = tgt != -100  # (G*b, T-1)
-    tok = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), tgt.clamp_min(0).reshape(-1), reduction="none"
-    )  # (G*b*(T-1),)
-    tok = (tok.view(tgt.shape) * mask).reshape(n_groups, -1)  # (G, b*(T-1))
-    count = mask.reshape(n_groups, -1).sum(dim=1)  # (G,)
-    return tok.sum(dim=1) / count.clamp_min(1), count
-
-
 def _matches(name: str, targets: Sequence[str]) -> bool:
     # peft's rule for a list of target names: the full module name or a dotted suffix of it.
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -367,7 +339,8 @@ class GroupedLoRAModel:
 
     def state_from_factors(self, factors: Mapping[str, tuple[Any, Any]]) -> dict[str, torch.Tensor]:
         """A peft adapter state dict from factor pairs with ``alpha / r`` folded into B (inverse of
-        :meth:`client_factors`), loadable by :meth:`load_clients`.
+        :meth:`client_factors`), loadable by :meth:`load_clients`; pairs of a lower rank r' < r are
+        zero-padded (the same product).
 
         Args:
             factors: Module name -> (B (out, r), A (r, in)) for every grouped module.
@@ -381,6 +354,9 @@ class GroupedLoRAModel:
         out: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             b, a = (torch.tensor(np.array(x), dtype=torch.float64) for x in factors[name])  # copies
+            if b.ndim == a.ndim == 2 and b.shape[1] == a.shape[0] < layer.r:  # lower rank: zero-padded
+                b = nn.functional.pad(b, (0, layer.r - b.shape[1]))
+                a = nn.functional.pad(a, (0, 0, 0, layer.r - a.shape[0]))
             if tuple(b.shape) != (layer.out_features, layer.r) or tuple(a.shape) != (
                 layer.r,
                 layer.in_features,
@@ -612,66 +588,3 @@ class GroupedLoRAModel:
         return adamw_steps(
             self.parameters(), step_losses, steps, lr, weight_decay=weight_decay, betas=betas, eps=eps
         ).reshape(steps, self.n_clients)
-
-
-@torch.no_grad()
-def grouped_evaluate(
-    gm: GroupedLoRAModel,
-    data: Sequence[Mapping[str, torch.Tensor]],
-    rows: int = 64,
-    hidden: Sequence[torch.Tensor] | None = None,
-) -> list[dict[str, float]]:
-    """:func:`clair_ray.workloads.lora.evaluate_lm`'s loss and exact match for every loaded client at once.
-
-    Client g (its adapter loaded as group g) is evaluated on ``data[g]``. Clients with fewer sequences
-    are padded with rows whose labels are all -100, which add no token to the loss and no sequence to
-    exact match (still divided by the client's own sequence count).
-
-    Args:
-        gm: The model with G clients loaded (:meth:`GroupedLoRAModel.load_clients`).
-        data: G dicts of ``input_ids``, ``labels`` (n_g, T) and optional ``attention_mask``; one T.
-        rows: Sequences per client per forward (memory: G · rows · T · V logits without ``loss_chunk``).
-        hidden: Optional G tensors (n_g, T, H): each client's frozen-prefix states of ``data[g]``
-            (:meth:`GroupedLoRAModel.prefix_hidden`), so only the adapted layers run.
-
-    Returns:
-        Per client ``{"loss": mean over labelled tokens, "exact_match": fraction of sequences,
-        "token_accuracy": fraction of labelled tokens predicted right}``.
-    """
-    g = gm.n_clients
-    if len(data) != g or (hidden is not None and len(hidden) != g):
-        raise ValueError(f"data: {len(data)} clients for {g} loaded adapters")
-    was_training = gm.model.training
-    gm.model.eval()
-    device = next(gm.model.parameters()).device
-    n_max = max(len(d["input_ids"]) for d in data)
-    tot = torch.zeros(4, g, dtype=torch.float64)  # loss, tokens, right, exact
-    keys = ["input_ids", "labels", *(["attention_mask"] if "attention_mask" in data[0] else [])]
-    for s0 in range(0, n_max, rows):
-        width = min(rows, n_max - s0)
-        cols: dict[str, list[torch.Tensor]] = {k: [] for k in [*keys, "hidden"]}
-        for j, d in enumerate(data):
-            parts = {k: d[k][s0 : s0 + rows] for k in keys}
-            if hidden is not None:
-                parts["hidden"] = hidden[j][s0 : s0 + rows]
-            pad = width - parts["input_ids"].shape[0]
-            for k, v in parts.items():
-                if pad:  # copies of the client's first sequence, with no label
-                    first = (d[k] if k != "hidden" else hidden[j])[:1]  # type: ignore[index]
-                    extra = torch.full_like(first, -100) if k == "labels" else first
-                    v = torch.cat([v, extra.expand(pad, *v.shape[1:])])
-                cols[k].append(v)
-        t = {k: torch.stack(v).to(device) for k, v in cols.items() if v}  # (G, width, T[, H])
-        h = t.get("hidden")
-        stats = gm.sequence_stats(
-            t["input_ids"], t["labels"], t.get("attention_mask"), None if h is None else h.flatten(0, 1)
-        )
-        tot += torch.stack([x.double().sum(dim=1).cpu() for x in stats])
-    gm.model.train(was_training)
-    loss, tok, correct, exact = tot
-    return [
-        metrics_from_stats(
-            float(loss[j]), float(tok[j]), float(correct[j]), float(exact[j]), len(data[j]["input_ids"])
-        )
-        for j in range(g)
-    ]

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FrozenPrefix", "chunked_token_ce", "chunked_token_stats", "layer_index", "output_layer"]
+__all__ = [
+    "FrozenPrefix",
+    "PrefixCache",
+    "chunked_token_ce",
+    "chunked_token_stats",
+    "layer_index",
+    "output_layer",
+]
 
 _INDEX = re.compile(r"\.(\d+)\.")
 
@@ -207,3 +214,40 @@ class FrozenPrefix:
         with self._swapped(list(self.body.layers[self.first :]), self.body.norm):
             out = self.body(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
+
+
+class PrefixCache:
+    """Frozen-prefix hidden states by key (e.g. ``(trial, client, "train")``), computed once each.
+
+    A bound, not an LRU: past ``max_bytes`` it starts over (recomputing a prefix is exact, only slower).
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30, rows: int = 64) -> None:
+        self.max_bytes, self.rows = int(max_bytes), int(rows)
+        self._states: dict[tuple, torch.Tensor] = {}
+        self._bytes = 0
+
+    def clear(self) -> None:
+        """Forgets every state."""
+        self._states.clear()
+        self._bytes = 0
+
+    def get(
+        self, key: tuple, prefix: FrozenPrefix, data: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """(n, T, H) the prefix's hidden states of ``data``'s rows (``input_ids``, ``attention_mask``)."""
+        if key not in self._states:
+            if self._bytes > self.max_bytes:
+                self.clear()
+            ids, mask = data["input_ids"], data.get("attention_mask")
+            parts = [
+                prefix.hidden(
+                    ids[i : i + self.rows].to(device),
+                    None if mask is None else mask[i : i + self.rows].to(device),
+                )
+                for i in range(0, len(ids), self.rows)
+            ]
+            h = torch.cat(parts)  # (n, T, H)
+            self._states[key] = h
+            self._bytes += h.numel() * h.element_size()
+        return self._states[key]

@@ -23,7 +23,9 @@ What runs where:
   module; it returns an evaluation plan instead of evaluating.
 - **Client actors again** (:meth:`~LoRAWorkload.evaluate_batch`): the clients of the plan, evaluated
   under every method on the model the actor already holds (loss, exact match and next-token accuracy on
-  each client's own held-out data; float32 on CPU, bf16 on GPU), many clients per grouped forward.
+  each client's own held-out data, and the workload's probes; float32 on CPU, bf16 on GPU), many clients
+  per grouped forward. With ``workload.lora.layers`` the frozen prefix of every client's lines is
+  computed once per actor and reused by every step, round and method (:mod:`.prefix`).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ from clair_ray.workloads.base import (
     check_fields,
 )
 from clair_ray.workloads.lora import rounds, trajectory
-from clair_ray.workloads.lora.loop import adamw_steps, batch_order
+from clair_ray.workloads.lora.loop import adamw_steps, batch_order, step_batches
 from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
+from clair_ray.workloads.lora.prefix import PrefixCache
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
 from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig
 from clair_ray.workloads.lora.trajectory import RoundState
@@ -109,8 +112,7 @@ class LoRAWorkload(Workload):
         # The resident peft model (train_one, the plain-peft reference): every use loads its adapter.
         self._peft: Any = None
         self._originals: dict[str, torch.Tensor] | None = None  # pristine base weights (corrections)
-        self._prefixes: dict[tuple, torch.Tensor] = {}  # frozen-prefix hidden states (prefix_states)
-        self._prefix_bytes = 0
+        self._prefixes = PrefixCache(PREFIX_CACHE_BYTES, EVAL_ROWS)  # frozen-prefix states (prefix_states)
 
     @classmethod
     def methods(cls) -> tuple[str, ...]:
@@ -264,59 +266,19 @@ class LoRAWorkload(Workload):
         gm = self._resident()
         if gm.prefix is None:
             return None
-        if key not in self._prefixes:
-            if self._prefix_bytes > PREFIX_CACHE_BYTES:  # a bound, not an LRU: recomputing is exact
-                self._prefixes.clear()
-                self._prefix_bytes = 0
-            device = next(gm.model.parameters()).device
-            ids, mask = data["input_ids"], data.get("attention_mask")
-            h = torch.cat(
-                [
-                    gm.prefix_hidden(
-                        ids[i : i + EVAL_ROWS].to(device),
-                        None if mask is None else mask[i : i + EVAL_ROWS].to(device),
-                    )
-                    for i in range(0, len(ids), EVAL_ROWS)
-                ]
-            )  # (n, T, H)
-            self._prefixes[key] = h
-            self._prefix_bytes += h.numel() * h.element_size()
-        return self._prefixes[key]
+        return self._prefixes.get(key, gm.prefix, data, next(gm.model.parameters()).device)
 
     def _steps_batches(
         self, trial: int, jobs: list[ClientJob]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """(S, G, b, T) input ids, labels and attention mask of every step of every client in ``jobs``,
-        and per client the (S, b) rows of its training data that they are.
-
-        Clients with fewer than ``batch`` sequences draw smaller batches; their rows are padded to the
-        group's b with copies whose labels are all -100, which adds no labelled token and so leaves the
-        client's mean loss (and gradient) unchanged.
-        """
+        """:func:`~clair_ray.workloads.lora.loop.step_batches` of the clients in ``jobs``."""
         lw = self.lw
         data = [self.train_data(trial, j.client_id) for j in jobs]
         idx = [
             batch_order(len(d["input_ids"]), lw.batch, lw.steps, j.seed)
             for d, j in zip(data, jobs, strict=True)
         ]
-        b = max(i.shape[1] for i in idx)
-        has_mask = "attention_mask" in data[0]
-        ids, labels, masks, rows = [], [], [], []
-        for d, i in zip(data, idx, strict=True):  # i: (S, b_k)
-            pad = b - i.shape[1]
-            real = torch.ones_like(i, dtype=torch.bool)
-            if pad:  # copies of each step's first row, unlabelled
-                i = torch.cat([i, i[:, :1].expand(-1, pad)], dim=1)
-                real = torch.cat([real, torch.zeros_like(real[:, :1]).expand(-1, pad)], dim=1)
-            x, y = d["input_ids"][i], d["labels"][i]  # (S, b, T)
-            y = y.masked_fill(~real[..., None], -100)
-            ids.append(x)
-            labels.append(y)
-            rows.append(i)
-            if has_mask:
-                masks.append(d["attention_mask"][i])
-        mask = torch.stack(masks, dim=1) if has_mask else None
-        return torch.stack(ids, dim=1), torch.stack(labels, dim=1), mask, rows  # (S, G, b, T) each
+        return step_batches(data, idx)
 
     def _start_state(self, gm: Any, start: Factors | None) -> dict[str, Any]:
         if start is None:
@@ -512,25 +474,15 @@ class LoRAWorkload(Workload):
 
         The shared correction is added to the resident base weights (:meth:`_corrected_base`); each
         client's adapter, zero-padded to the LoRA rank, is one group
-        (:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate`).
+        (:func:`~clair_ray.workloads.lora.loop.grouped_evaluate`).
         """
         res = nan_metrics(self.K)
         if not clients:
             return res
-        r = self.spec.r
         with self._corrected_base(corr) as gm:
             for c0 in range(0, len(clients), EVAL_GROUP):
                 chunk = clients[c0 : c0 + EVAL_GROUP]
-                states = []
-                for k in chunk:
-                    padded = {}
-                    for n, (b, a) in adapters[k].items():
-                        pb = np.zeros((b.shape[0], r))
-                        pa = np.zeros((r, a.shape[1]))
-                        pb[:, : b.shape[1]], pa[: a.shape[0]] = b, a
-                        padded[n] = (pb, pa)
-                    states.append(gm.state_from_factors(padded))
-                gm.load_clients(states)
+                gm.load_clients([gm.state_from_factors(adapters[k]) for k in chunk])  # zero-padded to rank r
                 out = self._evaluate_set(gm, trial, chunk, "test", self.test_data)
                 for j, k in enumerate(chunk):
                     for name, key in EVAL_METRICS.items():
@@ -547,13 +499,17 @@ class LoRAWorkload(Workload):
     def _evaluate_set(
         self, gm: Any, trial: int, chunk: list[int], kind: str, rows_of: Callable[[int, int], dict]
     ) -> list[dict[str, float]]:
-        """:func:`~clair_ray.workloads.lora.grouped.grouped_evaluate` of the loaded clients ``chunk`` on
+        """:func:`~clair_ray.workloads.lora.loop.grouped_evaluate` of the loaded clients ``chunk`` on
         their ``kind`` rows, through the cached frozen prefix where there is one."""
-        from clair_ray.workloads.lora.grouped import grouped_evaluate
+        from clair_ray.workloads.lora.loop import grouped_evaluate
 
         data = [rows_of(trial, k) for k in chunk]
         hidden = [self.prefix_states((trial, k, kind), d) for k, d in zip(chunk, data, strict=True)]
         return grouped_evaluate(gm, data, rows=EVAL_ROWS, hidden=None if hidden[0] is None else hidden)  # type: ignore[arg-type]
+
+    def client_metrics(self) -> tuple[str, ...]:
+        """Every per-client column :meth:`evaluate_clients` fills."""
+        return (*EVAL_METRICS, *self.probes())
 
     def probes(self) -> tuple[str, ...]:
         """Extra client metrics: each is the exact match of a client's model on its :meth:`probe_data` rows
@@ -587,7 +543,7 @@ class LoRAWorkload(Workload):
             got = self.evaluate_clients(trial, mine, p["corr"], adapters)
             out[method] = {
                 "clients": mine,
-                **{name: got[name][mine].tolist() for name in (*EVAL_METRICS, *self.probes())},
+                **{name: got[name][mine].tolist() for name in self.client_metrics()},
             }
         return out
 

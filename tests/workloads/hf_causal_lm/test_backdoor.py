@@ -13,7 +13,8 @@ from clair_ray.config import ConfigError, load_config
 from clair_ray.workloads import get_workload
 from clair_ray.workloads.hf_causal_lm import backdoor as bd
 from clair_ray.workloads.hf_causal_lm import data as hf
-from clair_ray.workloads.lora.grouped import GroupedLoRAModel, grouped_evaluate
+from clair_ray.workloads.lora.grouped import GroupedLoRAModel
+from clair_ray.workloads.lora.loop import grouped_evaluate
 
 
 def test_natural_partition_largest_random_cap_and_error() -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from clair_ray.workloads.lora import adapters as lora
-from clair_ray.workloads.lora.grouped import GroupedLoRAModel, grouped_evaluate
+from clair_ray.workloads.lora.grouped import GroupedLoRAModel
+from clair_ray.workloads.lora.loop import grouped_evaluate
 from clair_ray.workloads.lora.prefix import FrozenPrefix, chunked_token_ce, layer_index
 from clair_ray.workloads.lora.spec import LoraSpec
 
