@@ -5,7 +5,8 @@ batch 8, its data and its clients), on one CPU thread as one Ray client actor ru
 
 * **training**, G client updates of ``--steps`` AdamW steps each:
   ``peft``: :meth:`HFCausalLMWorkload.train_one`, one client at a time on a resident peft model
-  (``layers_to_transform``; the model's own forward through all 30 layers and the full logits);
+  (``layers_to_transform``; the model's own forward through all 30 layers and the full logits, each
+  batch cut to its longest row as transformers' padding collator does);
   ``clair_ray``: :meth:`HFCausalLMWorkload.train_batch` on the G clients at once (grouped adapters, the
   frozen 27 layers computed once per training line, the output layer in chunks over labelled tokens only).
   The frozen-prefix computation is inside the timing (the cache is emptied before each repeat).
@@ -21,7 +22,7 @@ scored token each way, a decoder layer about 7 MFLOP per token; ``--profile`` pr
 
 Run (after the asset set-up in the README)::
 
-    .venv/bin/python benchmarks/bench_real_llm.py --clients 8 --steps 8 --methods 10 --repeats 3
+    .venv/bin/python benchmarks/bench_real_llm.py --clients 8 --methods 10 --repeats 3
 """
 
 from __future__ import annotations
@@ -122,13 +123,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "shakespeare_smollm2.yaml"))
     ap.add_argument("--clients", type=int, default=8, help="client updates per training measurement (G)")
-    ap.add_argument("--steps", type=int, default=8, help="local AdamW steps per client update")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="local AdamW steps per client update (0: the config's)"
+    )
     ap.add_argument("--methods", type=int, default=10, help="adapters per client to evaluate (methods)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="print a torch profile of one grouped update")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(args.config, [f"workload.lora.steps={args.steps}", "workload.lora.early_steps=0"])
+    # No contamination: both paths evaluate the same held-out lines (no backdoor probe on one side only).
+    over = ["workload.lora.early_steps=0", "aggregation.methods=[fedavg]", "contamination.fraction=0"]
+    cfg = load_config(args.config, over + ([f"workload.lora.steps={args.steps}"] if args.steps else []))
+    args.steps = cfg.workload.lora.steps
     wl = get_workload(cfg)
     wl.prepare()
     contaminated = set(wl.contamination(0).contaminated)

@@ -483,9 +483,13 @@ def build_report(
     if res.metric == "honest_mean_test_loss" and em in res.summary and res.summary[em].notna().any():
         md += ["", f"{h2} Honest clients' exact match", ""]
         md += _table(res.summary, res.conditions, "method", em, methods)
-    if "honest_mean_asr" in res.summary and res.summary["honest_mean_asr"].notna().any() and res.conditions:
-        md += ["", f"{h2} Backdoor attack success rate on the honest clients' models", ""]
-        md += _table(res.summary, res.conditions, "method", "honest_mean_asr", methods)
+    for col, title in (
+        ("honest_mean_perplexity", "Honest clients' held-out perplexity (mean over clients of exp(loss))"),
+        ("honest_mean_asr", "Backdoor attack success rate on the honest clients' models"),
+    ):
+        if col in res.summary and res.summary[col].notna().any():
+            md += ["", f"{h2} {title}", ""]
+            md += _table(res.summary, res.conditions, "method", col, methods)
     if "f1" in res.summary and res.summary["f1"].notna().any() and res.conditions:
         md += ["", f"{h2} Detection F1 (all contaminated clients with visible contamination)", ""]
         md += _table(res.summary, res.conditions, "method", "f1", methods)

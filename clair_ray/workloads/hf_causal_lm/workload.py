@@ -500,7 +500,8 @@ class HFCausalLMWorkload(LoRAWorkload):
 
     def probes(self) -> tuple[str, ...]:
         """``asr`` (the backdoor's attack success rate) when the mix has a backdoor."""
-        return ("asr",) if self.cfg.contamination.mix.get(bd.BACKDOOR, 0) > 0 else ()
+        c = self.cfg.contamination
+        return ("asr",) if c.fraction > 0 and c.mix.get(bd.BACKDOOR, 0) > 0 else ()
 
     def probe_data(self, trial: int, k: int, name: str) -> dict[str, torch.Tensor]:
         """Client k's held-out lines followed by the trigger, the target labelled (:func:`bd.probe_rows`)."""

@@ -39,7 +39,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers.pytorch_utils import Conv1D
 
-from clair_ray.workloads.lora.loop import adamw_steps, batch_order, metrics_from_stats, token_stats
+from clair_ray.workloads.lora.loop import (
+    adamw_steps,
+    batch_order,
+    metrics_from_stats,
+    token_stats,
+    trim_batch,
+)
 from clair_ray.workloads.lora.spec import LoraSpec
 
 __all__ = [
@@ -362,6 +368,7 @@ def _token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     Returns:
         (losses (B, T-1), mask (B, T-1) bool, argmax predictions (B, T-1), shifted labels (B, T-1)).
     """
+    batch = trim_batch(batch)  # dynamic padding: the batch's own longest row
     ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
     logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     logits, tgt = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
@@ -464,6 +471,7 @@ def evaluate_lm(model: torch.nn.Module, data: Mapping[str, torch.Tensor], batch_
     tot = torch.zeros(4, dtype=torch.float64)
     for start in range(0, n, batch_size):
         batch = _subset(data, torch.arange(start, min(n, start + batch_size)))
+        batch = trim_batch(batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         stats = token_stats(logits[:, :-1], batch["labels"][:, 1:])  # position t predicts token t + 1
         tot += torch.stack([t.double().sum() for t in stats])

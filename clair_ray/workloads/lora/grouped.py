@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from clair_ray.workloads.lora.loop import adamw_steps, grouped_token_loss, token_stats
+from clair_ray.workloads.lora.loop import adamw_steps, grouped_token_loss, real_width, token_stats
 from clair_ray.workloads.lora.prefix import (
     FrozenPrefix,
     chunked_token_ce,
@@ -220,6 +220,17 @@ class GroupedLoRALinear(nn.Module):
             f"G={self.n_groups}, in={self.in_features}, out={self.out_features}, r={self.r}, "
             f"scaling={self.scaling}"
         )
+
+
+def _trim(
+    ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(n, T) rows (and (..., T, H) prefix states) cut to the batch's real width (dynamic padding)."""
+    w = real_width(mask)
+    if w is None or w == ids.shape[1]:
+        return ids, labels, mask, hidden
+    cut = None if hidden is None else hidden[..., :w, :]
+    return ids[:, :w], labels[:, :w], mask[:, :w], cut  # type: ignore[index]
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -503,6 +514,7 @@ class GroupedLoRAModel:
         ids = self._flat(input_ids, "input_ids")
         lab = ids if labels is None else self._flat(labels, "labels")
         mask = self._flat(attention_mask, "attention_mask")
+        ids, lab, mask, hidden = _trim(ids, lab, mask, hidden)
         if hidden is None and not self.loss_chunk:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
             return grouped_token_loss(logits, lab, g)[0]
@@ -535,6 +547,7 @@ class GroupedLoRAModel:
         ids = self._flat(input_ids, "input_ids")
         lab = self._flat(labels, "labels")
         mask = self._flat(attention_mask, "attention_mask")
+        ids, lab, mask, hidden = _trim(ids, lab, mask, hidden)
         if hidden is None and not self.loss_chunk:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
             stats = token_stats(logits[:, :-1], lab[:, 1:])

@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # grouped.py imports this module
     from clair_ray.workloads.lora.grouped import GroupedLoRAModel
 
 __all__ = [
+    "real_width",
+    "trim_batch",
     "adamw_steps",
     "batch_order",
     "grouped_evaluate",
@@ -27,6 +29,25 @@ __all__ = [
     "step_batches",
     "token_stats",
 ]
+
+
+def real_width(mask: torch.Tensor | None) -> int | None:
+    """Tokens up to the last real one of any row of a right-padded batch (None: no mask, keep all).
+
+    Columns after it are padding in every row: no real position attends to them (causal attention,
+    right padding) and none is labelled, so cutting them changes no real output (dynamic padding).
+    """
+    if mask is None:
+        return None
+    cols = mask.reshape(-1, mask.shape[-1]).any(dim=0).nonzero()
+    return int(cols[-1]) + 1 if len(cols) else 1
+
+
+def trim_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch (``input_ids``, ``labels``, ``attention_mask`` (..., T)) cut to its
+    :func:`real_width`."""
+    w = real_width(batch.get("attention_mask"))
+    return {k: v[..., :w] if w is not None else v for k, v in batch.items()}
 
 
 def batch_order(n: int, batch: int, steps: int, seed: int) -> torch.Tensor:

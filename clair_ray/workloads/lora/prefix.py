@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from clair_ray.workloads.lora.loop import real_width
+
 __all__ = [
     "FrozenPrefix",
     "PrefixCache",
@@ -68,8 +70,17 @@ def output_layer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
+#: Softmax rows the chunked loss keeps from forward to backward (bytes) instead of recomputing the logits:
+#: below it the backward pass costs one product with the output layer instead of two.
+KEEP_SOFTMAX_BYTES = 256 << 20
+
+
 class _ChunkedCE(torch.autograd.Function):
-    """Per-row cross-entropy of ``h W^T + bias`` against ``tgt``, logits never held whole."""
+    """Per-row cross-entropy of ``h W^T + bias`` against ``tgt``, logits never held whole.
+
+    The softmax rows are kept for the backward pass when they fit in :data:`KEEP_SOFTMAX_BYTES`, else
+    recomputed chunk by chunk there (memory O(chunk · V)).
+    """
 
     @staticmethod
     def forward(
@@ -80,25 +91,37 @@ class _ChunkedCE(torch.autograd.Function):
         tgt: torch.Tensor,
         chunk: int,
     ) -> torch.Tensor:
-        m = h.shape[0]
+        m, v = h.shape[0], weight.shape[0]
         ce = torch.empty(m, dtype=torch.float32, device=h.device)
         lse = torch.empty(m, dtype=torch.float32, device=h.device)
+        keep = (
+            torch.empty(m, v, dtype=torch.float32, device=h.device)
+            if m * v * 4 <= KEEP_SOFTMAX_BYTES
+            else None
+        )
         for s in range(0, m, chunk):
             logits = _logits(h[s : s + chunk], weight, bias)  # (c, V) float32
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             ce[s : s + chunk] = lse[s : s + chunk] - logits.gather(1, tgt[s : s + chunk, None]).squeeze(1)
-        ctx.save_for_backward(h, weight, bias, tgt, lse)
+            if keep is not None:
+                torch.exp(logits.sub_(lse[s : s + chunk, None]), out=keep[s : s + chunk])  # softmax
+        ctx.save_for_backward(h, weight, bias, tgt, lse, keep)
         ctx.chunk = chunk
         return ce
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, weight, bias, tgt, lse = ctx.saved_tensors
+        h, weight, bias, tgt, lse, keep = ctx.saved_tensors
         chunk = ctx.chunk
         grad_h = torch.empty_like(h)
         for s in range(0, h.shape[0], chunk):
-            p = (_logits(h[s : s + chunk], weight, bias) - lse[s : s + chunk, None]).exp_()  # softmax (c, V)
+            if keep is not None:
+                p = keep[s : s + chunk]  # used once (once_differentiable): modified in place
+            else:
+                p = (
+                    _logits(h[s : s + chunk], weight, bias) - lse[s : s + chunk, None]
+                ).exp_()  # softmax (c, V)
             p.scatter_add_(1, tgt[s : s + chunk, None], torch.full_like(p[:, :1], -1.0))  # - one-hot
             p.mul_(grad[s : s + chunk, None])
             grad_h[s : s + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
@@ -155,9 +178,13 @@ def chunked_token_stats(
     for s in range(0, h.shape[0], max(1, int(chunk))):
         logits = _logits(h[s : s + chunk], weight, bias)  # (c, V)
         t = tgt[s : s + chunk]
-        ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+        target = logits.gather(1, t[:, None]).squeeze(1)  # (c,)
+        top = logits.amax(dim=-1)  # (c,)
+        ce = top + (logits - top[:, None]).exp_().sum(dim=-1).log_() - target  # logsumexp - target logit
         loss.index_add_(0, seq[s : s + chunk], ce.double())
-        right.index_add_(0, seq[s : s + chunk], (logits.argmax(-1) == t).float())
+        # argmax == t without a second pass: the target's logit is the maximum (a tie, which float32
+        # logits of a real model practically never have, would count as right here)
+        right.index_add_(0, seq[s : s + chunk], (target >= top).float())
     tokens = (labels[:, 1:] != -100).sum(dim=1).float()
     exact = ((right == tokens) & (tokens > 0)).float()
     return loss, tokens, right, exact
@@ -239,15 +266,21 @@ class PrefixCache:
         if key not in self._states:
             if self._bytes > self.max_bytes:
                 self.clear()
-            ids, mask = data["input_ids"], data.get("attention_mask")
-            parts = [
-                prefix.hidden(
-                    ids[i : i + self.rows].to(device),
-                    None if mask is None else mask[i : i + self.rows].to(device),
-                )
-                for i in range(0, len(ids), self.rows)
-            ]
-            h = torch.cat(parts)  # (n, T, H)
+            ids, mask = data["input_ids"], data.get("attention_mask")  # (n, T)
+            n, t = ids.shape
+            # Rows by real length, so each chunk runs at its own longest row; padding positions are left
+            # zero (no real position attends to them and none is labelled).
+            order = torch.argsort(mask.sum(dim=1), stable=True) if mask is not None else torch.arange(n)
+            h = None
+            for i in range(0, n, self.rows):
+                idx = order[i : i + self.rows]
+                m = None if mask is None else mask[idx]
+                w = real_width(m) or t
+                part = prefix.hidden(ids[idx, :w].to(device), None if m is None else m[:, :w].to(device))
+                if h is None:
+                    h = part.new_zeros(n, t, part.shape[-1])  # (n, T, H)
+                h[idx.to(part.device), :w] = part
+            assert h is not None
             self._states[key] = h
             self._bytes += h.numel() * h.element_size()
         return self._states[key]

@@ -135,3 +135,23 @@ def test_chunked_ce_matches_cross_entropy_and_its_gradient() -> None:
     (grad,) = torch.autograd.grad(ce.sum(), hidden)
     (ref,) = torch.autograd.grad(full, hidden)
     torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_cached_prefix_by_length_chunks_gives_the_same_losses(llama: torch.nn.Module) -> None:
+    """PrefixCache computes rows sorted by length, each chunk cut to its own longest row (zeros beyond):
+    the losses through it equal the model's own forward on the padded rows."""
+    from clair_ray.workloads.lora.prefix import PrefixCache
+
+    ids, labels, mask = batch()
+    mask[0, 0, 3:], mask[1, 2, 8:] = 0, 0  # every row a different real length
+    labels = ids.masked_fill(mask == 0, -100)
+    gm = grouped(llama, reuse_prefix=True, loss_chunk=4)
+    assert gm.prefix is not None
+    cache = PrefixCache(rows=2)
+    flat = {"input_ids": ids.flatten(0, 1), "attention_mask": mask.flatten(0, 1)}
+    hidden = cache.get(("k",), gm.prefix, flat, torch.device("cpu")).view(*ids.shape, -1)
+    assert cache.get(("k",), gm.prefix, flat, torch.device("cpu")).data_ptr() == hidden.data_ptr()  # cached
+    with torch.no_grad():
+        reused = gm.client_losses(ids, labels, mask, hidden)
+        plain = grouped(llama).client_losses(ids, labels, mask)
+    torch.testing.assert_close(reused, plain, rtol=1e-6, atol=0)
