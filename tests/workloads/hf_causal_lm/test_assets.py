@@ -3,7 +3,6 @@ the same code path as the real SmolLM2 file), the Shakespeare parser, and the re
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -205,4 +204,3 @@ def test_real_smollm2_converts_and_trains_one_grouped_step() -> None:
         reused = gm.client_losses(ids, labels, mask, hidden)
     assert torch.isfinite(losses).all() and 1.0 < float(losses[0, 0]) < 8.0  # a pretrained LM, not random
     assert float(reused[0]) < float(losses[0, 0])  # one step on these lines lowered their loss
-    assert os.environ.get("CLAIR_CACHE", "") in ("", str(assets.cache_root()))
