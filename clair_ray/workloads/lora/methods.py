@@ -389,6 +389,9 @@ def _clair(
     fl_set = set(fl) | set(exclude)
     # Everyone quarantined or flagged: this round's own evidence decides alone.
     keep = [k for k in active if k not in fl_set] or [k for k in active if k not in set(fl)]
+    if not keep:  # every client flagged (a tiny round): no update to trust, the start stays as it is
+        zero = zero_adapter(ups)
+        return {n: np.zeros(ups.shape(n)) for n in ups.names}, dict.fromkeys(honest, zero), fl, why
     clip = params.get("mean_clip", MEAN_CLIP)
     corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip, means)
     return corr, adapters, fl, why
