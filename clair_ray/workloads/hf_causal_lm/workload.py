@@ -426,6 +426,7 @@ class HFCausalLMWorkload(LoRAWorkload):
             data = self.tokens(0)
             self.client_indices(0)
             targets = self.spec.targets
+            self._check_layers(model)
         finally:
             torch.set_num_threads(threads)
         if progress is not None and time.perf_counter() - t0 > 1.0:
@@ -433,6 +434,19 @@ class HFCausalLMWorkload(LoRAWorkload):
             progress(
                 f"hf_causal_lm: {n} texts of at most {t} tokens, LoRA targets {targets} "
                 f"({time.perf_counter() - t0:.1f}s)"
+            )
+
+    def _check_layers(self, model: str) -> None:
+        """``workload.lora.layers`` must name layers the model has (checked before any actor starts)."""
+        if not self.lw.layers:
+            return
+        from transformers import AutoConfig
+
+        n = getattr(AutoConfig.from_pretrained(model), "num_hidden_layers", None)
+        bad = [i for i in self.lw.layers if n is not None and i >= n]
+        if bad:
+            raise ValueError(
+                f"workload.lora.layers={list(self.lw.layers)}: the model has {n} layers (0..{n - 1})"
             )
 
     def load_base_model(self) -> torch.nn.Module:

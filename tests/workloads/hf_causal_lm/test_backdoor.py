@@ -181,3 +181,24 @@ def test_backdoor_only_in_the_attackers_training_rows(tmp_path: Path, tiny_llama
 
 def bd_row(row: list[int], phrase: list[int]) -> bool:
     return any(row[i : i + len(phrase)] == phrase for i in range(len(row) - len(phrase) + 1))
+
+
+def test_lora_layers_beyond_the_model_fail_on_the_driver(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clair_ray.workloads.hf_causal_lm.data import write_tiny_model
+
+    texts = [f"line {i} of {who}" for who in ("ann", "bob") for i in range(6)]
+    model = write_tiny_model(tmp_path / "m", texts, arch="llama")  # 1 layer
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
+    base = [
+        "workload.name=hf_causal_lm",
+        f"workload.name_or_path={model}",
+        f"workload.data_path={tmp_path / 'd.parquet'}",
+        "workload.num_clients=2",
+        "aggregation.methods=[fedavg]",
+    ]
+    with pytest.raises(ValueError, match=r"workload.lora.layers=\[3\]: the model has 1 layers"):
+        get_workload(load_config(None, [*base, "workload.lora.layers=[3]"])).prepare()
+    get_workload(load_config(None, [*base, "workload.lora.layers=[0]"])).prepare()
