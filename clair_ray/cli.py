@@ -98,13 +98,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from clair_ray.errors import ResultsError
     from clair_ray.report import ReportError, build_report
 
     try:
         path, text = build_report(
             args.results_dir, out_dir=args.out, plots=not args.markdown_only, heading_level=args.heading_level
         )
-    except (ReportError, FileNotFoundError) as exc:
+    except (ReportError, ResultsError, FileNotFoundError) as exc:
         print(f"clair-ray report: {exc}", file=sys.stderr)
         return 2
     if args.markdown_only:

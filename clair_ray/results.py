@@ -33,6 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clair_ray.attacks import ATTACKS
+from clair_ray.errors import ResultsError
 from clair_ray.workloads.base import Column, MethodRound
 
 #: The tables of a run (one Parquet file each) and of a gathered sweep (one hive-partitioned dataset each).
@@ -328,10 +329,35 @@ def write_tables(out_dir: str | Path, tables: dict[str, pa.Table]) -> None:
         tmp.replace(out / f"{name}.parquet")
 
 
+def read_parquet(path: str | Path) -> pd.DataFrame:
+    """One result table as a DataFrame.
+
+    Raises:
+        ResultsError: Naming the file, when it is missing or not a readable Parquet file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(
+            f"{path}: missing (the run did not finish writing its tables, or this is not a run)"
+        )
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResultsError(
+            f"{path}: not a readable Parquet file, corrupt or truncated ({cause}); rerun the experiment "
+            "into a new output_dir"
+        ) from exc
+
+
 def read_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """Reads a run directory's tables as DataFrames (``clients``, ``summary``, ``detection``)."""
+    """Reads a run directory's tables as DataFrames (``clients``, ``summary``, ``detection``).
+
+    Raises:
+        ResultsError: A table is missing or unreadable (:func:`read_parquet`).
+    """
     out = Path(out_dir)
-    return {n: pq.read_table(out / f"{n}.parquet").to_pandas() for n in ("clients", "summary", "detection")}
+    return {n: read_parquet(out / f"{n}.parquet") for n in ("clients", "summary", "detection")}
 
 
 def format_summary(summary: pd.DataFrame, detection: pd.DataFrame | None = None) -> str:
@@ -405,12 +431,12 @@ def read_sweep(results_dir: str | Path) -> dict[str, pd.DataFrame]:
         if (root / name).is_dir():
             df = pads.dataset(root / name, format="parquet", partitioning=part).to_table().to_pandas()
         elif (root / f"{name}.parquet").exists():  # a compact copy (see compact_results)
-            df = pq.read_table(root / f"{name}.parquet").to_pandas()
+            df = read_parquet(root / f"{name}.parquet")
         else:
             schema = {"clients": CLIENT_SCHEMA, "summary": SUMMARY_SCHEMA}.get(name, DETECTION_SCHEMA)
             df = schema.empty_table().to_pandas()
         out[name] = df
-    out["trials"] = pq.read_table(root / "trials.parquet").to_pandas()
+    out["trials"] = read_parquet(root / "trials.parquet")
     return out
 
 
@@ -439,7 +465,7 @@ def load(path: str | Path) -> dict[str, pd.DataFrame]:
         raise FileNotFoundError(f"{root}: no summary.parquet or trials.parquet (neither a run nor a sweep)")
     out = read_tables(root)
     if (root / "rounds.parquet").exists():
-        out["rounds"] = pq.read_table(root / "rounds.parquet").to_pandas()
+        out["rounds"] = read_parquet(root / "rounds.parquet")
     return out
 
 

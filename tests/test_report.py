@@ -115,6 +115,25 @@ def test_cli_rejects_a_directory_without_results(tmp_path: Path, capsys: pytest.
         Results(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_cli_names_a_corrupt_or_missing_table_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    run = _single_run(tmp_path)
+    table = run / "detection.parquet"
+    if damage == "truncated":
+        table.write_bytes(table.read_bytes()[:100])
+    elif damage == "garbage":
+        table.write_text("not parquet")
+    else:
+        table.unlink()
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"clair-ray report: {table}: ")
+    assert ("missing" if damage == "missing" else "not a readable Parquet file") in err
+    assert "Traceback" not in err
+
+
 def test_readme_tables_are_the_reports_own_output() -> None:
     """The README's sweep tables sit between these markers and must equal the report's output."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
