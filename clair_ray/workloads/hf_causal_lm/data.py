@@ -195,6 +195,37 @@ def check_model_path(name_or_path: str | os.PathLike) -> None:
         raise ValueError(f"workload.name_or_path={s!r}: no config.json in that directory (not a saved model)")
 
 
+def check_weight_files(model_dir: str | os.PathLike) -> None:
+    """Every ``*.safetensors`` file of a local model directory is whole: its header parses and the file is
+    as long as the header says (read without loading the weights, so a truncated download fails on the
+    driver, not in every actor).
+
+    Raises:
+        ValueError: Naming the file and what is wrong.
+    """
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        return
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{f}: not a readable safetensors file ({exc})") from exc
+        if not isinstance(header, dict):
+            raise ValueError(
+                f"{f}: not a safetensors file (no valid header); re-save or re-download the model"
+            )
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if size < 8 + n + end:
+            raise ValueError(
+                f"{f}: truncated ({size} bytes, the header describes {8 + n + end}); re-save or re-download "
+                "the model"
+            )
+
+
 def load_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` (eval mode, loss type named so transformers stays quiet)."""
     from transformers import AutoModelForCausalLM

@@ -426,7 +426,7 @@ class HFCausalLMWorkload(LoRAWorkload):
             data = self.tokens(0)
             self.client_indices(0)
             targets = self.spec.targets
-            self._check_layers(model)
+            self._check_model(model)
         finally:
             torch.set_num_threads(threads)
         if progress is not None and time.perf_counter() - t0 > 1.0:
@@ -436,17 +436,37 @@ class HFCausalLMWorkload(LoRAWorkload):
                 f"({time.perf_counter() - t0:.1f}s)"
             )
 
-    def _check_layers(self, model: str) -> None:
-        """``workload.lora.layers`` must name layers the model has (checked before any actor starts)."""
-        if not self.lw.layers:
-            return
-        from transformers import AutoConfig
+    def _check_model(self, model: str) -> None:
+        """Driver, before any actor starts and without loading weights: the weight files are whole, and
+        ``workload.lora.targets`` (within ``layers``) match Linear / Conv1D modules of the model (built from
+        its ``config.json`` on the meta device)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
 
-        n = getattr(AutoConfig.from_pretrained(model), "num_hidden_layers", None)
+        from clair_ray.workloads.lora.prefix import layer_index
+
+        hf.check_weight_files(model)
+        conf = AutoConfig.from_pretrained(model)
+        n = getattr(conf, "num_hidden_layers", None)
         bad = [i for i in self.lw.layers if n is not None and i >= n]
         if bad:
             raise ValueError(
                 f"workload.lora.layers={list(self.lw.layers)}: the model has {n} layers (0..{n - 1})"
+            )
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(conf)
+        targets, layers = self.spec.targets, set(self.lw.layers)
+        hits = [
+            name
+            for name, mod in skeleton.named_modules()
+            if isinstance(mod, (torch.nn.Linear, Conv1D))
+            and any(name == t or name.endswith("." + t) for t in targets)
+            and (not layers or layer_index(name) in layers)
+        ]
+        if not hits:
+            where = f" in layers {sorted(layers)}" if layers else ""
+            raise ValueError(
+                f"workload.lora.targets={list(targets)}: no Linear/Conv1D module of {model} matches{where}"
             )
 
     def load_base_model(self) -> torch.nn.Module:

@@ -183,7 +183,7 @@ def bd_row(row: list[int], phrase: list[int]) -> bool:
     return any(row[i : i + len(phrase)] == phrase for i in range(len(row) - len(phrase) + 1))
 
 
-def test_lora_layers_beyond_the_model_fail_on_the_driver(tmp_path: Path) -> None:
+def test_bad_layers_targets_and_weights_fail_on_the_driver(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -201,4 +201,10 @@ def test_lora_layers_beyond_the_model_fail_on_the_driver(tmp_path: Path) -> None
     ]
     with pytest.raises(ValueError, match=r"workload.lora.layers=\[3\]: the model has 1 layers"):
         get_workload(load_config(None, [*base, "workload.lora.layers=[3]"])).prepare()
+    with pytest.raises(ValueError, match=r"workload.lora.targets=\['c_attn'\]: no Linear/Conv1D module"):
+        get_workload(load_config(None, [*base, "workload.lora.targets=[c_attn]"])).prepare()
     get_workload(load_config(None, [*base, "workload.lora.layers=[0]"])).prepare()
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # a cut-off download
+    with pytest.raises(ValueError, match="model.safetensors: truncated"):
+        get_workload(load_config(None, base)).prepare()
