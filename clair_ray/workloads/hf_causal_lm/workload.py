@@ -306,7 +306,7 @@ class HFCausalLMWorkload(LoRAWorkload):
         assert self.w.client_column
         key = (_stamp(self.data_path), self.w.client_column)
         if key not in _GROUPS:
-            _GROUPS[key] = hf.load_column(self._resolved(), self.w.client_column)
+            _GROUPS[key] = hf.read_columns(self.data_path, [self.w.client_column])[self.w.client_column]
         return _GROUPS[key]
 
     def natural_clients(self, trial: int) -> tuple[list[np.ndarray], list]:
@@ -443,7 +443,7 @@ class HFCausalLMWorkload(LoRAWorkload):
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.pytorch_utils import Conv1D
 
-        from clair_ray.workloads.lora.prefix import layer_index
+        from clair_ray.workloads.lora.prefix import adapted_modules
 
         hf.check_weight_files(model)
         conf = AutoConfig.from_pretrained(model)
@@ -455,13 +455,11 @@ class HFCausalLMWorkload(LoRAWorkload):
             )
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(conf)
-        targets, layers = self.spec.targets, set(self.lw.layers)
+        targets, layers = self.spec.targets, self.lw.layers
         hits = [
-            name
-            for name, mod in skeleton.named_modules()
-            if isinstance(mod, (torch.nn.Linear, Conv1D))
-            and any(name == t or name.endswith("." + t) for t in targets)
-            and (not layers or layer_index(name) in layers)
+            n
+            for n, m in adapted_modules(skeleton, targets, layers)
+            if isinstance(m, (torch.nn.Linear, Conv1D))
         ]
         if not hits:
             where = f" in layers {sorted(layers)}" if layers else ""

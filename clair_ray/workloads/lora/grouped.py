@@ -61,6 +61,7 @@ from transformers.pytorch_utils import Conv1D
 from clair_ray.workloads.lora.loop import adamw_steps, grouped_token_loss, real_width, token_stats
 from clair_ray.workloads.lora.prefix import (
     FrozenPrefix,
+    adapted_modules,
     chunked_token_ce,
     chunked_token_stats,
     layer_index,
@@ -222,22 +223,6 @@ class GroupedLoRALinear(nn.Module):
         )
 
 
-def _trim(
-    ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(n, T) rows (and (..., T, H) prefix states) cut to the batch's real width (dynamic padding)."""
-    w = real_width(mask)
-    if w is None or w == ids.shape[1]:
-        return ids, labels, mask, hidden
-    cut = None if hidden is None else hidden[..., :w, :]
-    return ids[:, :w], labels[:, :w], mask[:, :w], cut  # type: ignore[index]
-
-
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    # peft's rule for a list of target names: the full module name or a dotted suffix of it.
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 class GroupedLoRAModel:
     """A HF causal LM whose target modules carry G clients' LoRA adapters, trained in one batch.
 
@@ -286,11 +271,7 @@ class GroupedLoRAModel:
         for p in model.parameters():
             p.requires_grad_(False)
         self.layers: dict[str, GroupedLoRALinear] = {}
-        for name, mod in list(model.named_modules()):
-            if not name or not _matches(name, target_modules):
-                continue
-            if layers and layer_index(name) not in layers:
-                continue
+        for name, mod in adapted_modules(model, target_modules, layers):
             if type(mod) not in (nn.Linear, Conv1D):
                 raise ValueError(f"target module {name!r} is a {type(mod).__name__}, not Linear/Conv1D")
             parent_name, _, child = name.rpartition(".")
@@ -480,6 +461,32 @@ class GroupedLoRAModel:
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
         return logits.view(*input_ids.shape, -1)
 
+    def _batch(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(G, b, T) inputs flattened to (G*b, T) (labels default to the ids), cut with the (..., T, H)
+        prefix states to the batch's real width (dynamic padding)."""
+        ids = self._flat(input_ids, "input_ids")
+        lab = ids if labels is None else self._flat(labels, "labels")
+        mask = self._flat(attention_mask, "attention_mask")
+        w = real_width(mask)
+        if mask is None or w == ids.shape[1]:
+            return ids, lab, mask, hidden
+        return ids[:, :w], lab[:, :w], mask[:, :w], None if hidden is None else hidden[..., :w, :]
+
+    def _head(
+        self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """The chunked output layer's arguments: final hidden states (G*b, T, H), labels, its weight and
+        bias, and rows per chunk (``loss_chunk``; 0: every row at once)."""
+        h = self._final_hidden(ids, mask, hidden)
+        weight, bias = output_layer(self.model)
+        return h, labels, weight, bias, self.loss_chunk or h.shape[0] * h.shape[1]
+
     def _final_hidden(
         self, ids: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor | None
     ) -> torch.Tensor:
@@ -511,16 +518,11 @@ class GroupedLoRAModel:
             (G,) losses.
         """
         g = self.n_clients
-        ids = self._flat(input_ids, "input_ids")
-        lab = ids if labels is None else self._flat(labels, "labels")
-        mask = self._flat(attention_mask, "attention_mask")
-        ids, lab, mask, hidden = _trim(ids, lab, mask, hidden)
+        ids, lab, mask, hidden = self._batch(input_ids, labels, attention_mask, hidden)
         if hidden is None and not self.loss_chunk:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
             return grouped_token_loss(logits, lab, g)[0]
-        h = self._final_hidden(ids, mask, hidden)  # (G*b, T, H)
-        weight, bias = output_layer(self.model)
-        ce, seq = chunked_token_ce(h, lab, weight, bias, self.loss_chunk or h.shape[0] * h.shape[1])  # (M,)
+        ce, seq = chunked_token_ce(*self._head(ids, lab, mask, hidden))  # (M,)
         group = torch.div(seq, ids.shape[0] // g, rounding_mode="floor")  # sequence -> its client
         total = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, ce)
         count = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, torch.ones_like(ce))
@@ -544,17 +546,12 @@ class GroupedLoRAModel:
         """Per client and sequence (G, b): summed token loss, scored tokens, right tokens, exact match
         (:func:`~clair_ray.workloads.lora.loop.token_stats`), with or without the prefix and chunks."""
         g, b = input_ids.shape[:2]
-        ids = self._flat(input_ids, "input_ids")
-        lab = self._flat(labels, "labels")
-        mask = self._flat(attention_mask, "attention_mask")
-        ids, lab, mask, hidden = _trim(ids, lab, mask, hidden)
+        ids, lab, mask, hidden = self._batch(input_ids, labels, attention_mask, hidden)
         if hidden is None and not self.loss_chunk:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
             stats = token_stats(logits[:, :-1], lab[:, 1:])
         else:
-            h = self._final_hidden(ids, mask, hidden)
-            weight, bias = output_layer(self.model)
-            stats = chunked_token_stats(h, lab, weight, bias, self.loss_chunk or h.shape[0] * h.shape[1])
+            stats = chunked_token_stats(*self._head(ids, lab, mask, hidden))
         return tuple(t.view(g, b) for t in stats)
 
     def train_steps(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from clair_ray.workloads.lora.loop import real_width
 
 __all__ = [
     "FrozenPrefix",
+    "adapted_modules",
     "PrefixCache",
     "chunked_token_ce",
     "chunked_token_stats",
@@ -49,6 +50,22 @@ def layer_index(module_name: str) -> int | None:
     """
     m = _INDEX.search(module_name)
     return int(m.group(1)) if m else None
+
+
+def adapted_modules(
+    model: nn.Module, targets: Sequence[str], layers: Sequence[int] = ()
+) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module LoRA adapts, in module order: peft's rule for a list of target names
+    (the full module name or a dotted suffix of it), within ``layers`` (peft's ``layers_to_transform``;
+    empty: every layer). Used by :class:`~clair_ray.workloads.lora.grouped.GroupedLoRAModel` and the
+    driver's config check."""
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name
+        and any(name == t or name.endswith("." + t) for t in targets)
+        and (not layers or layer_index(name) in layers)
+    ]
 
 
 def output_layer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
