@@ -42,7 +42,7 @@ __all__ = [
     "HFCausalLMConfig",
     "client_subset",
     "load_model",
-    "load_column",
+    "read_columns",
     "load_texts",
     "load_tokenizer",
     "partition",
@@ -268,29 +268,24 @@ def _data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
-    """Reads texts (and labels) from JSONL / Parquet.
-
-    Args:
-        cfg: The workload section (``data_path``, ``text_column``, ``label_column``).
-
-    Returns:
-        (texts, labels or None), in file order.
+def read_columns(data_path: str | os.PathLike, columns: Sequence[str]) -> dict[str, list]:
+    """Columns of a JSONL / Parquet file (or a directory of them), in file order.
 
     Raises:
-        ValueError: On a missing file or column.
+        ValueError: On a missing file or column, or a JSONL line that is not a JSON object (naming the
+            file and line).
     """
-    rows: dict[str, list] = {cfg.text_column: []}
-    if cfg.label_column:
-        rows[cfg.label_column] = []
-    for f in _data_files(Path(cfg.data_path)):
+    rows: dict[str, list] = {c: [] for c in columns}
+    for f in _data_files(Path(data_path)):
         if f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(f)
+            names = pq.read_schema(f).names
             for col in rows:
-                if col not in table.column_names:
-                    raise ValueError(f"{f}: no column {col!r}; columns: {table.column_names}")
+                if col not in names:
+                    raise ValueError(f"{f}: no column {col!r}; columns: {names}")
+            table = pq.read_table(f, columns=list(rows))
+            for col in rows:
                 rows[col].extend(table.column(col).to_pylist())
         else:
             with open(f, encoding="utf-8") as fh:
@@ -311,6 +306,22 @@ def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
                         if col not in rec:
                             raise ValueError(f"{f}:{i + 1}: no field {col!r}")
                         rows[col].append(rec[col])
+    return rows
+
+
+def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
+    """Reads texts (and labels) from JSONL / Parquet.
+
+    Args:
+        cfg: The workload section (``data_path``, ``text_column``, ``label_column``).
+
+    Returns:
+        (texts, labels or None), in file order.
+
+    Raises:
+        ValueError: On a missing file or column.
+    """
+    rows = read_columns(cfg.data_path, [cfg.text_column, *([cfg.label_column] if cfg.label_column else [])])
     texts = rows[cfg.text_column]
     if not texts:
         raise ValueError(f"workload.data_path={cfg.data_path!r}: no rows (empty data)")
@@ -321,32 +332,6 @@ def load_texts(cfg: HFCausalLMConfig) -> tuple[list[str], list | None]:
             f"text (row {bad[0] + 1}: {texts[bad[0]]!r})"
         )
     return list(texts), (rows[cfg.label_column] if cfg.label_column else None)
-
-
-def load_column(cfg: HFCausalLMConfig, column: str) -> list:
-    """One column of ``data_path`` (e.g. ``client_column``), in file order.
-
-    Raises:
-        ValueError: On a missing file or column.
-    """
-    values: list = []
-    for f in _data_files(Path(cfg.data_path)):
-        if f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(f).names
-            if column not in names:
-                raise ValueError(f"{f}: no column {column!r}; columns: {names}")
-            values.extend(pq.read_table(f, columns=[column]).column(column).to_pylist())
-        else:
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if line.strip():
-                        rec = json.loads(line)
-                        if column not in rec:
-                            raise ValueError(f"{f}:{i + 1}: no field {column!r}")
-                        values.append(rec[column])
-    return values
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
