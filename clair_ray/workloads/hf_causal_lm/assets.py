@@ -85,7 +85,18 @@ def package_file(package: str, relative: str = "") -> Path:
     return path
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # per process: every workload instance resolves the model
+
+
 def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash(path)
+    return _DIGESTS[key]
+
+
+def _hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
