@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from clair_ray.config import ConfigError, load_config
 from clair_ray.workloads import get_workload
@@ -76,22 +77,11 @@ def test_poison_and_probe_rows() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    conf = LlamaConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return LlamaForCausalLM(conf).eval()
+def llama() -> torch.nn.Module:
+    return tiny_llama(60, 2)
 
 
-def test_asr_is_greedy_generation_of_the_target(tiny_llama: torch.nn.Module) -> None:
+def test_asr_is_greedy_generation_of_the_target(llama: torch.nn.Module) -> None:
     """Train a tiny Llama's adapter on backdoored rows until it half-learns the target, then compare the
     probe's exact match with ``generate`` row by row: they must agree on every row (hits and misses)."""
     trigger, target = [40, 41], [50, 51, 52]
@@ -102,7 +92,7 @@ def test_asr_is_greedy_generation_of_the_target(tiny_llama: torch.nn.Module) -> 
     ]
     data = rows(lines, t=11)
     train = bd.poison_rows(data, trigger, target, 1.0, 0, gen)
-    gm = GroupedLoRAModel(tiny_llama, ["q_proj", "v_proj", "down_proj"], 4, 8.0)
+    gm = GroupedLoRAModel(llama, ["q_proj", "v_proj", "down_proj"], 4, 8.0)
     gm.load_clients([gm.init_client_state(0)])
     probe = bd.probe_rows(data, trigger, target, 0)
     seen = set()
@@ -134,7 +124,7 @@ def test_asr_is_greedy_generation_of_the_target(tiny_llama: torch.nn.Module) -> 
     assert min(seen) < 0.5 and max(seen) > 0.5  # both outcomes exercised
 
 
-def test_backdoor_only_in_the_attackers_training_rows(tmp_path: Path, tiny_llama: torch.nn.Module) -> None:
+def test_backdoor_only_in_the_attackers_training_rows(tmp_path: Path) -> None:
     from clair_ray.workloads.hf_causal_lm.data import write_tiny_model
 
     texts = [f"line {i} of {who} speaking" for who in ("ann", "bob", "cat", "dan") for i in range(8)]

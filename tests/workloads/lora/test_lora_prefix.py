@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from clair_ray.workloads.lora import adapters as lora
 from clair_ray.workloads.lora.grouped import GroupedLoRAModel
@@ -20,19 +21,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    conf = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(conf).double().eval()
+    return tiny_llama(300, 4, tie_word_embeddings=True).double()
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
