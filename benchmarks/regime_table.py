@@ -2,7 +2,8 @@
 
 For each cell of the swept keys (mean over the cell's trials): CLAIR's honest metric, the best of the
 rivals the refinement issue names (local, FedAvg over the truly honest clients and every robust
-baseline that ran), their ratio, the oracle, CLAIR's detection F1 and its mean kept refinement rank.
+baseline that ran), their ratio, the oracle, CLAIR's detection F1, its mean kept refinement rank and (with
+``aggregation.refine: heldout``) the mean share of the deviation kept.
 Prints a Markdown table and, at the end, the cells where CLAIR is within ``--tolerance`` of the best rival
 and where it is strictly below all of them.
 
@@ -44,6 +45,7 @@ def cell_table(summary: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[s
             oracle=means.get("oracle", float("nan")),
             f1=float(clair["f1"].mean()),
             refine_rank=float(clair["refine_rank"].mean()) if "refine_rank" in clair else float("nan"),
+            shrink=float(clair["refine_shrink"].mean()) if "refine_shrink" in clair else float("nan"),
         )
         row["ratio"] = row["best"] / row["clair"] if better_high else row["clair"] / row["best"]
         rows.append(row)
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=1.03, help="acceptance ratio (default 1.03)")
     args = ap.parse_args()
     table, keys = cell_table(results.load(args.sweep)["summary"], args.metric)
-    head = [*keys, "clair", "best rival", "ratio", "oracle", "CLAIR F1", "kept rank"]
+    head = [*keys, "clair", "best rival", "ratio", "oracle", "CLAIR F1", "kept rank", "kept share"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for _, r in table.iterrows():
@@ -69,6 +71,7 @@ def main() -> None:
             f"{r['oracle']:.3f}",
             f"{r['f1']:.3f}",
             f"{r['refine_rank']:.2f}",
+            "-" if pd.isna(r["shrink"]) else f"{r['shrink']:.2f}",
         ]
         print("| " + " | ".join(cells) + " |")
     within = int((table["ratio"] <= args.tolerance).sum())

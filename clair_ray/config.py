@@ -237,7 +237,9 @@ class AggregationConfig:
         refine: How much of each detected-honest client's centred deviation CLAIR's refinement keeps (the
             oracle uses the same rule on the true honest set): ``auto`` (default) chooses per module and
             side from the data (parallel analysis, README "Choosing the refinement"); an integer j keeps
-            the j leading directions (0: the detected-honest mean; the deviations' rank: local training).
+            the j leading directions (0: the detected-honest mean; the deviations' rank: local training);
+            ``heldout`` (one-shot LoRA workloads with ``workload.lora.holdout`` > 0) chooses a rank and a
+            shrinkage of the deviation from a small grid by the clients' loss on their held-back rows.
         assumed_fraction: Contamination fraction assumed by baselines that need a number of attackers
             (None: the configured ``contamination.fraction``). CLAIR never sees it.
         noise_scale: The per-client relative noise level given to methods (``ctx.noise_scale``):
@@ -272,7 +274,7 @@ class AggregationConfig:
                 ),
                 (self.rank is None or self.rank >= 1, "rank", self.rank, "must be >= 1 (or null)"),
                 (
-                    self.refine == "auto"
+                    self.refine in ("auto", "heldout")
                     or (
                         isinstance(self.refine, int)
                         and not isinstance(self.refine, bool)
@@ -280,7 +282,7 @@ class AggregationConfig:
                     ),
                     "refine",
                     self.refine,
-                    "must be 'auto' or an integer >= 0",
+                    "must be 'auto', 'heldout' or an integer >= 0",
                 ),
                 (af is None or 0 <= af < 0.5, "assumed_fraction", af, "must be in [0, 0.5)"),
                 (

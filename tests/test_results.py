@@ -108,6 +108,7 @@ def test_schemas_are_core_columns_plus_the_workload_columns() -> None:
         "subspace_error",
         "refine_rank",
         "refine_rank_row",
+        "refine_shrink",
         "refine",
     }
     assert SUMMARY.field("refine").type == pa.string()

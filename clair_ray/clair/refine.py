@@ -71,6 +71,11 @@ def check_refine(refine: Any) -> None:
     """Raises a ValueError naming ``refine`` unless it is ``"auto"`` or a non-negative integer."""
     if refine == "auto":
         return
+    if refine == "heldout":
+        raise ValueError(
+            "refine: 'heldout' chooses by the clients' held-back loss, which needs their data: a LoRA "
+            "workload's aggregation.refine (workload.lora.holdout > 0); clair() takes 'auto' or an integer"
+        )
     if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
         raise ValueError(f"refine: must be 'auto' or a non-negative integer, got {refine!r}")
 

@@ -178,6 +178,7 @@ REFINE_COLUMNS = (
     Column("refine_rank", level="method"),
     Column("refine_rank_row", level="method"),
     Column("refine", pa.string(), level="method"),
+    Column("refine_shrink", level="method"),
 )
 
 
@@ -190,6 +191,9 @@ def refine_scalars(choices: dict[str, dict[str, dict[str, Any]]]) -> dict[str, f
     out["refine"] = json.dumps(
         {m: {side: c[side]["rank"] for side in c} for m, c in choices.items()}, separators=(",", ":")
     )
+    # Only refine: heldout shrinks the kept deviation; the projection rules keep it whole (NaN here).
+    shrinks = [c[side]["shrink"] for c in choices.values() for side in c if "shrink" in c[side]]
+    out["refine_shrink"] = float(np.mean(shrinks)) if shrinks else float("nan")
     return out
 
 

@@ -187,7 +187,19 @@ class LinearWorkload(Workload):
         w, rank = cfg.workload, cfg.aggregation.rank
         assert isinstance(w, LinearConfig)
         ok = rank is None or 1 <= rank <= min(w.p, w.q)
-        check_fields("aggregation", [(ok, "rank", rank, "must be in [1, min(p, q)]")])
+        refine = cfg.aggregation.refine
+        check_fields(
+            "aggregation",
+            [
+                (ok, "rank", rank, "must be in [1, min(p, q)]"),
+                (
+                    refine != "heldout",
+                    "refine",
+                    refine,
+                    "heldout is for LoRA workloads (their clients hold back rows); use 'auto' or an integer",
+                ),
+            ],
+        )
 
     # ---- truth ----------------------------------------------------------------------------------------
     def problem(self, trial: int) -> LinearProblem:

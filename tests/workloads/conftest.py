@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +21,9 @@ def one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     with limit_threads(request.module.__name__.rsplit(".", 1)[-1].startswith(ONE_THREAD_MODULES)):
         yield
+
+
+@pytest.fixture(scope="session")
+def copy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One copy-task base cache for the whole session (the small base trains in a few seconds)."""
+    return tmp_path_factory.mktemp("copy-cache")

@@ -11,8 +11,9 @@ evaluation) plus each honest client's own adapter as a factor pair, never a merg
   of squared standardised scores against its null). Refinement from the combined flags with ``side``
   both: mean_Ĉ + P_U (Δ_k − mean_Ĉ) P_V (column: no P_V; row: no P_U), U and V the leading directions of
   the centred detected-honest updates, as many as ``aggregation.refine`` says
-  (``clair_ray.clair.refine.refinement_bases``: "auto" chooses per module and side), applied as the
-  shared correction mean_Ĉ − P_U mean_Ĉ P_V and the adapter (P_U B_k, A_k P_V).
+  (``clair_ray.clair.refine.refinement_bases``: "auto" chooses per module and side; "heldout" chooses
+  a rank and a share s of the deviation by the clients' held-back loss, ``clair_ray.clair.heldout``),
+  applied as the shared correction mean_Ĉ − s P_U mean_Ĉ P_V and the adapter (s P_U B_k, A_k P_V).
 - ``oracle``: the same refinement rule on the true honest set (so CLAIR vs oracle tests detection).
 - ``fedavg``: mean over all clients (through the factors; in multi-round mode FedIT's mean of the B's and
   of the A's instead, :mod:`clair_ray.workloads.lora.trajectory`); ``fedavg_exact``: the mean of the
@@ -30,14 +31,14 @@ path scales to large modules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from clair_ray.aggregators import AGGREGATORS, AggContext, get_aggregator
-from clair_ray.clair import combine_modules
+from clair_ray.clair import combine_modules, heldout
 from clair_ray.clair.api import clair
 from clair_ray.clair.refine import MEAN_CLIP, refinement_bases, robust_weights, update_gram
 
@@ -62,6 +63,9 @@ Pair = tuple[np.ndarray, np.ndarray]
 Factors = dict[str, Pair]
 #: (shared corrections per module, adapters of the honest clients, flagged clients, reasons).
 MethodResult = tuple[dict[str, np.ndarray], dict[int, Factors], list[int], dict[int, str]]
+#: ``refine: heldout``'s judge: (clients, number of candidates, candidate index -> (correction per
+#: module, client -> adapter)) -> the index of the chosen candidate (evaluates held-back rows).
+Validate = Callable[[list[int], int, Callable[[int], tuple[dict[str, np.ndarray], dict[int, Factors]]]], int]
 
 
 def lora_methods() -> tuple[str, ...]:
@@ -255,10 +259,11 @@ def run_method(
     params: dict[str, dict[str, Any]],
     n_attackers: int,
     seed: int,
-    refine: int | str = "auto",
+    refine: int | str | heldout.Candidate = "auto",
     choices: dict[str, Any] | None = None,
     exclude: frozenset[int] = frozenset(),
     means: dict[str, np.ndarray] | None = None,
+    validate: Validate | None = None,
 ) -> MethodResult:
     """One method on one round's updates.
 
@@ -281,6 +286,8 @@ def run_method(
         exclude: CLAIR: clients left out of its mean and refinement whatever their evidence this round
             (quarantined); they are still scored.
         means: If given, CLAIR and the oracle store their (robust) mean update per module here.
+        validate: ``refine="heldout"``: scores candidate refinements on the clients' held-back rows
+            (:mod:`~clair_ray.clair.heldout`).
 
     Returns:
         (shared corrections per module, adapters of the honest clients, flagged, reasons).
@@ -299,11 +306,25 @@ def run_method(
         # The exact ADMM path takes 15-35 s per module call at the copy task's size (feasibility script).
         clair_params.setdefault("solver", "fast")
         return _clair(
-            ups, active, honest, rank, side, clair_mode, clair_params, seed, refine, choices, exclude, means
+            ups,
+            active,
+            honest,
+            rank,
+            side,
+            clair_mode,
+            clair_params,
+            seed,
+            refine,
+            choices,
+            exclude,
+            means,
+            validate,
         )
     if method == "oracle":  # CLAIR's refinement rule on the true honest set (no detection)
         honest_set = set(honest)
-        corr, adapters = _refined(ups, honest, honest, side, clair_mode, seed, refine, choices, means=means)
+        corr, adapters = _refined(
+            ups, honest, honest, side, clair_mode, seed, refine, choices, means=means, validate=validate
+        )
         return corr, adapters, [k for k in active if k not in honest_set], {}
     if method in AGGREGATORS and not AGGREGATORS[method].personalized:
         ctx = AggContext(n_attackers=n_attackers, seed=seed)
@@ -337,16 +358,28 @@ def _refined(
     side: str,
     mode: str,
     seed: int,
-    refine: int | str,
+    refine: int | str | heldout.Candidate,
     choices: dict[str, Any] | None,
     mean_clip: float | None = MEAN_CLIP,
     means: dict[str, np.ndarray] | None = None,
+    validate: Validate | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
     """The refinement rule (``refinement_bases``) per module over ``keep``, then :func:`project`.
 
     The mean over ``keep`` is CLAIR's robust one (``robust_weights``: clipped around the geometric
-    median, exactly the plain mean when nobody sits far out), per module.
+    median, exactly the plain mean when nobody sits far out), per module. With ``refine="heldout"`` the
+    bases keep :data:`~clair_ray.clair.heldout.TOP_RANK` directions and ``validate`` picks the
+    candidate (rank, shrink) by ``keep``'s held-back loss; ``refine`` may also be a
+    :class:`~clair_ray.clair.heldout.Candidate` chosen before (on the updates trained without the
+    held-back rows).
     """
+    fixed = refine if isinstance(refine, heldout.Candidate) else None  # chosen on other updates
+    by_heldout = refine == heldout.HELDOUT
+    if by_heldout and validate is None:
+        raise ValueError(
+            "aggregation.refine='heldout' needs the clients' held-back rows: a one-shot LoRA workload with "
+            "workload.lora.holdout > 0"
+        )
     bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
     weights: dict[str, np.ndarray] = {}
     for n in ups.names:
@@ -355,11 +388,24 @@ def _refined(
         pos = list(range(len(keep)))
         w, _ = robust_weights(update_gram(kind, items, pos), mean_clip)
         weights[n] = w.numpy()
-        col, row = refinement_bases(kind, items, pos, side, refine, seed, w)
+        rule = heldout.TOP_RANK if by_heldout or fixed else refine
+        col, row = refinement_bases(kind, items, pos, side, rule, seed, w)
         bases[n] = tuple(None if c is None else c.basis.numpy() for c in (col, row))  # type: ignore[assignment]
-        if choices is not None:
+        if choices is not None and not (by_heldout or fixed):
             choices[n] = {name: c.summary() for name, c in (("column", col), ("row", row)) if c is not None}
-    return project(ups, keep, honest, bases, weights, means)
+    shrink = 1.0
+    if by_heldout or fixed:
+        cands = heldout.candidates()
+
+        def make(i: int) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
+            c = cands[i]
+            return project(ups, keep, keep, heldout.truncate(bases, c), weights, shrink=c.shrink)
+
+        chosen = fixed or cands[validate(keep, len(cands), make)]  # type: ignore[misc]
+        if choices is not None:
+            choices.update(heldout.summary(bases, chosen, {n: ups.shape(n) for n in ups.names}))
+        bases, shrink = heldout.truncate(bases, chosen), chosen.shrink
+    return project(ups, keep, honest, bases, weights, means, shrink=shrink)
 
 
 def _clair(
@@ -371,10 +417,11 @@ def _clair(
     mode: str,
     params: dict[str, Any],
     seed: int,
-    refine: int | str,
+    refine: int | str | heldout.Candidate,
     choices: dict[str, Any] | None,
     exclude: frozenset[int] = frozenset(),
     means: dict[str, np.ndarray] | None = None,
+    validate: Validate | None = None,
 ) -> MethodResult:
     """CLAIR per module, evidence combined over modules, refinement from the combined flags (and without
     the ``exclude``d clients)."""
@@ -393,7 +440,7 @@ def _clair(
         zero = zero_adapter(ups)
         return {n: np.zeros(ups.shape(n)) for n in ups.names}, dict.fromkeys(honest, zero), fl, why
     clip = params.get("mean_clip", MEAN_CLIP)
-    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip, means)
+    corr, adapters = _refined(ups, keep, honest, side, mode, seed, refine, choices, clip, means, validate)
     return corr, adapters, fl, why
 
 
@@ -404,12 +451,13 @@ def project(
     bases: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
     weights: dict[str, np.ndarray] | None = None,
     means: dict[str, np.ndarray] | None = None,
+    shrink: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], dict[int, Factors]]:
-    """mean + P_U (Δ_k − mean) P_V as one shared correction per module and a factored adapter each.
+    """mean + s P_U (Δ_k − mean) P_V as one shared correction per module and a factored adapter each.
 
-    With m = mean over ``keep``: the correction is m − P_U m P_V (folded into the shared base) and client
-    k's adapter is (P_U B_k, A_k P_V) from its factor pair, so that correction + adapter =
-    m + P_U (Δ_k − m) P_V.
+    With m = mean over ``keep`` and s = ``shrink``: the correction is m − s P_U m P_V (folded into the
+    shared base) and client k's adapter is (s P_U B_k, A_k P_V) from its factor pair, so that
+    correction + adapter = m + s P_U (Δ_k − m) P_V.
 
     Args:
         ups: The updates.
@@ -418,6 +466,7 @@ def project(
         bases: Module -> (U (out, r) or None, V (in, r) or None).
         weights: Module -> (len(keep),) weights of the mean (None: the plain mean).
         means: If given, module -> the mean m is stored here.
+        shrink: s, the share of the projected deviation kept (1: the projection rules).
 
     Returns:
         (module -> (out, in) correction, client -> module -> (B (out, r'), A (r', in))).
@@ -429,12 +478,12 @@ def project(
         u, v = bases[n]
         pm = m if u is None else u @ (u.T @ m)
         pm = pm if v is None else (pm @ v) @ v.T
-        corr[n] = m - pm
+        corr[n] = m - shrink * pm
         if means is not None:
             means[n] = m
         for k in honest:
             b, a = ups.pairs[n][k]
-            pb = b if u is None else u @ (u.T @ b)  # (out, r')
+            pb = shrink * (b if u is None else u @ (u.T @ b))  # (out, r')
             pa = a if v is None else (a @ v) @ v.T  # (r', in)
             adapters[k][n] = (pb, pa)
     return corr, adapters

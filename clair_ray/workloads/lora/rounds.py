@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clair_ray import attacks, seeds
+from clair_ray.clair import heldout
 from clair_ray.workloads.base import (
     EvalPlan,
     Group,
@@ -34,7 +35,7 @@ from clair_ray.workloads.base import (
     refine_scalars,
 )
 from clair_ray.workloads.lora import trajectory
-from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, run_method, zero_adapter
+from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, Validate, run_method, zero_adapter
 
 if TYPE_CHECKING:
     from clair_ray.workloads.lora.workload import LoRAWorkload
@@ -50,19 +51,22 @@ def nan_metrics(K: int) -> dict[str, np.ndarray]:
     return {name: np.full(K, np.nan) for name in EVAL_METRICS}
 
 
-def collect(K: int, group: Group) -> tuple[list[str], list[Factors], list[Factors], np.ndarray]:
-    """(module names, each client's final and early factors ({} if absent), (K,) finite & reported)."""
-    batches = [(ids, pl) for ids, pl in group.batches if pl["final"]]
+def collect(
+    K: int, group: Group, key: str = "final"
+) -> tuple[list[str], list[Factors], list[Factors], np.ndarray]:
+    """(module names, each client's ``key`` (final, or select) and early factors ({} if absent), (K,)
+    finite & reported)."""
+    batches = [(ids, pl) for ids, pl in group.batches if pl.get(key)]
     if not batches:
-        raise RuntimeError("no client batch sent any update")
-    names = list(batches[0][1]["final"])
+        raise RuntimeError(f"no client batch sent any update ({key})")
+    names = list(batches[0][1][key])
     own: list[Factors] = [{} for _ in range(K)]
     own_early: list[Factors] = [{} for _ in range(K)]
     ok = np.zeros(K, dtype=bool)
     for ids, pl in batches:
         for j, k in enumerate(ids):
             # Copies: object-store arrays are read-only views, which torch warns about.
-            own[k] = {n: (pl["final"][n][0][j].copy(), pl["final"][n][1][j].copy()) for n in names}
+            own[k] = {n: (pl[key][n][0][j].copy(), pl[key][n][1][j].copy()) for n in names}
             if pl["early"] is not None:
                 own_early[k] = {n: (pl["early"][n][0][j].copy(), pl["early"][n][1][j].copy()) for n in names}
             ok[k] = all(np.isfinite(b).all() and np.isfinite(a).all() for b, a in own[k].values())
@@ -347,10 +351,15 @@ def _one_shot(
     n_att = attacks.assumed_attackers(
         cfg.aggregation.assumed_fraction, cfg.contamination.fraction, len(active)
     )
+    by_heldout = cfg.aggregation.refine == heldout.HELDOUT
+    select = _select_updates(wl, trial, round_, group) if by_heldout and wl.selects else None
     for method in group.methods:
         t0 = time.perf_counter()
         flagged, reason = non_finite_flags(reported, valid)
         choices: dict[str, Any] = {}
+        refine: Any = cfg.aggregation.refine
+        if select is not None and method in ("clair", "oracle"):
+            refine = _heldout_choice(wl, trial, select, method, honest_eval, n_att, method_seed)
         corr, adapters, fl, why = run_method(
             method,
             ups,
@@ -361,8 +370,9 @@ def _one_shot(
             **_config_args(wl),
             n_attackers=n_att,
             seed=method_seed,
-            refine=cfg.aggregation.refine,
+            refine=refine,
             choices=choices,
+            validate=_validator(wl, trial) if by_heldout else None,
         )
         for k in fl:
             flagged[k], reason[k] = True, why.get(k, method)
@@ -386,6 +396,66 @@ def _one_shot(
             agg_s=agg_s,
             eval_s=time.perf_counter() - t1,
         )
+
+
+def _validator(wl: LoRAWorkload, trial: int) -> Validate:
+    """``refine: heldout``'s judge: every candidate's held-back loss per client, then
+    :func:`~clair_ray.clair.heldout.choose`."""
+
+    def validate(clients: list[int], n: int, make: Any) -> int:
+        losses = np.stack([wl.heldout_loss(trial, clients, *make(i))[clients] for i in range(n)])  # (C, H)
+        return heldout.choose(losses)
+
+    return validate
+
+
+def _select_updates(
+    wl: LoRAWorkload, trial: int, round_: int, group: Group
+) -> tuple[ModuleUpdates, list[Factors], list[int]]:
+    """(updates, factors, valid clients) of the trainings without the held-back rows (``refit``), attacked
+    as the aggregated updates are."""
+    names, sel, _, finite = collect(wl.K, group, "select")
+    ups = ModuleUpdates({n: [sel[k][n] if sel[k] else None for k in range(wl.K)] for n in names})
+    _attack_updates(wl, trial, round_, ups, finite)
+    reported = np.ones(wl.K, dtype=bool)
+    reported[list(group.dropped)] = False
+    return ups, sel, np.flatnonzero(reported & ups.finite()).tolist()
+
+
+def _heldout_choice(
+    wl: LoRAWorkload,
+    trial: int,
+    select: tuple[ModuleUpdates, list[Factors], list[int]],
+    method: str,
+    honest: list[int],
+    n_att: int,
+    seed: int,
+) -> heldout.Candidate:
+    """``refine: heldout`` with ``refit``: the candidate ``method`` chooses on the updates trained without
+    the held-back rows (:func:`_select_updates`), applied afterwards to the all-rows updates."""
+    ups, sel, active = select
+    judge, picked = _validator(wl, trial), []
+
+    def validate(clients: list[int], n: int, make: Any) -> int:
+        picked.append(judge(clients, n, make))
+        return picked[-1]
+
+    honest_here = [k for k in honest if k in set(active)]
+    run_method(
+        method,
+        ups,
+        sel,
+        sel,
+        active,
+        honest_here,
+        **_config_args(wl),
+        n_attackers=n_att,
+        seed=seed,
+        refine=heldout.HELDOUT,
+        validate=validate,
+    )
+    # No validation happens when every client was flagged: the mean is all there is.
+    return heldout.candidates()[picked[0]] if picked else heldout.candidates()[0]
 
 
 def _one_shot_final(corr: dict[str, np.ndarray], adapters: dict[int, Factors]) -> dict[str, Any]:

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from clair_ray.clair.heldout import HELDOUT
 from clair_ray.workloads.base import WorkloadConfig, check_fields
 
-__all__ = ["CLAIR_INPUTS", "CLAIR_SIDES", "DEVICES", "ROUNDS_MODES", "LoRAWorkloadConfig", "LoraSpec"]
+if TYPE_CHECKING:
+    from clair_ray.config import ExperimentConfig
+
+__all__ = [
+    "CLAIR_INPUTS",
+    "CLAIR_SIDES",
+    "DEVICES",
+    "ROUNDS_MODES",
+    "LoRAWorkloadConfig",
+    "LoraSpec",
+    "check_lora",
+    "held_back",
+]
 
 CLAIR_SIDES = ("column", "row", "both")
 CLAIR_INPUTS = ("auto", "factors", "dense")
@@ -57,6 +71,13 @@ class LoraSpec:
             vocabulary the logits of a grouped batch are the largest tensor of a step; chunked, only the
             labelled positions go through the output layer and at most this many at a time, recomputed
             in the backward pass instead of stored.
+        holdout: Share of each client's local rows held back from training (its last
+            ``ceil(holdout * n)`` rows, at least one row left to train on): the held-back loss by which
+            ``aggregation.refine: heldout`` chooses CLAIR's and the oracle's refinement (0: none held back).
+        refit: With ``holdout`` > 0 and ``refine: heldout``, each client trains twice: without its held-back
+            rows (the update only the choice of the refinement is made on) and on all its rows (the update
+            every method aggregates, so holding back costs no data, only client compute). false: one
+            training without the held-back rows, aggregated by every method.
     """
 
     r: int = 4
@@ -75,6 +96,8 @@ class LoraSpec:
     layers: list[int] = field(default_factory=list)
     reuse_prefix: bool = True
     loss_chunk: int = 0
+    holdout: float = 0.0
+    refit: bool = True
 
     def __post_init__(self) -> None:
         ints = [
@@ -140,6 +163,15 @@ class LoraSpec:
                 "must be a list of distinct layer indices >= 0",
             ),
             (isinstance(self.reuse_prefix, bool), "reuse_prefix", self.reuse_prefix, "must be true or false"),
+            (isinstance(self.refit, bool), "refit", self.refit, "must be true or false"),
+            (
+                isinstance(self.holdout, (int, float))
+                and not isinstance(self.holdout, bool)
+                and 0 <= self.holdout < 1,
+                "holdout",
+                self.holdout,
+                "must be a number in [0, 1)",
+            ),
         ]
         check_fields("workload.lora", checks)
 
@@ -153,3 +185,93 @@ class LoRAWorkloadConfig(WorkloadConfig):
     """
 
     lora: LoraSpec = field(default_factory=LoraSpec)
+
+
+def held_back(n: int, share: float) -> int:
+    """How many of a client's ``n`` local rows ``workload.lora.holdout = share`` holds back.
+
+    Raises:
+        ValueError: When holding back would leave no row to train on (naming the key and the size).
+    """
+    h = math.ceil(share * n) if share > 0 else 0
+    if h >= n:
+        raise ValueError(
+            f"workload.lora.holdout={share}: a client with {n} local rows would hold back {h} and train on "
+            "none (lower holdout or give the clients more rows)"
+        )
+    return h
+
+
+def check_lora(cfg: ExperimentConfig) -> None:
+    """A LoRA workload's cross-section checks: the device, the multi-round mode's limits, CLAIR's rank,
+    the quarantine and ``refine: heldout``'s needs.
+
+    Raises:
+        ConfigError: Naming the key and the bad value.
+    """
+    lw, methods, rank = cfg.workload.lora, cfg.aggregation.methods, cfg.aggregation.rank  # type: ignore[attr-defined]
+    name = cfg.workload.name
+    multi = cfg.workload.mode == "multi_round"
+    bad = [m for m in methods if m == "local_early"]
+    # Ray hides every GPU from an actor that reserved none.
+    gpu_ok = lw.device != "cuda" or cfg.engine.actor_num_gpus > 0
+    check_fields(
+        "engine",
+        [
+            (
+                gpu_ok,
+                "actor_num_gpus",
+                cfg.engine.actor_num_gpus,
+                "must be > 0 with workload.lora.device=cuda",
+            )
+        ],
+    )
+    needs_rank = [m for m in methods if m == "clair"]
+    check_fields(
+        "aggregation",
+        [
+            (
+                not multi or not bad,
+                "methods",
+                list(methods),
+                f"{name}: local_early is one-shot only (the early snapshot of a single round)",
+            ),
+            (
+                rank is not None or not needs_rank,
+                "rank",
+                rank,
+                f"must be set for {needs_rank} on LoRA workloads (the detection rank is not chosen "
+                "from the data there yet)",
+            ),
+            (rank is None or 1 <= rank <= lw.r, "rank", rank, f"must be in [1, workload.lora.r={lw.r}]"),
+            (
+                "side" not in cfg.aggregation.params.get("clair", {}),
+                "params.clair.side",
+                cfg.aggregation.params.get("clair", {}).get("side"),
+                "a LoRA workload's side is workload.lora.side",
+            ),
+        ],
+    )
+    check_fields(
+        "aggregation",
+        [
+            (
+                cfg.aggregation.quarantine is None or (multi and "clair" in methods),
+                "quarantine",
+                cfg.aggregation.quarantine,
+                "needs workload.mode=multi_round and method clair (a flag history over rounds)",
+            ),
+            (
+                cfg.aggregation.refine != HELDOUT or (not multi and lw.holdout > 0 and lw.device == "cpu"),
+                "refine",
+                cfg.aggregation.refine,
+                "needs workload.mode=one_shot, workload.lora.holdout > 0 (the rows it is judged on) and "
+                "workload.lora.device=cpu (the aggregator evaluates the candidates)",
+            ),
+        ],
+    )
+    early_ok = "local_early" not in methods or lw.early_steps >= 1
+    check_fields(
+        "workload.lora",
+        [(early_ok, "early_steps", lw.early_steps, "must be >= 1 for method local_early")],
+    )

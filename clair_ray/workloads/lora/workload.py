@@ -18,9 +18,11 @@ What runs where:
   initialisation (``workload.lora.init_seed``) or, in multi-round mode, from the round's global adapter;
   it draws its mini-batches from its (trial, round, client) seed and returns its per-module factor pairs
   (B (out, r) with alpha/r folded in, A (r, in)) as float64 numpy, plus the snapshot after
-  ``early_steps`` (the early-stopped local baseline).
+  ``early_steps`` (the early-stopped local baseline) and, for ``refine: heldout``, its factors trained
+  without its held-back rows (``workload.lora.holdout``, ``refit``).
 - **Aggregator actor** (:mod:`clair_ray.workloads.lora.rounds`): update attacks and every method per
-  module; it returns an evaluation plan instead of evaluating.
+  module (``refine: heldout`` evaluates its candidates there, :meth:`~LoRAWorkload.heldout_loss`); it
+  returns an evaluation plan instead of evaluating.
 - **Client actors again** (:meth:`~LoRAWorkload.evaluate_batch`): the clients of the plan, evaluated
   under every method on the model the actor already holds (loss, exact match and next-token accuracy on
   each client's own held-out data, and the workload's probes; float32 on CPU, bf16 on GPU), many clients
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from clair_ray import seeds
+from clair_ray.clair.heldout import HELDOUT
 from clair_ray.workloads.base import (
     REFINE_COLUMNS,
     ClientJob,
@@ -49,14 +52,13 @@ from clair_ray.workloads.base import (
     RoundOutput,
     TrainOutput,
     Workload,
-    check_fields,
 )
 from clair_ray.workloads.lora import rounds, trajectory
 from clair_ray.workloads.lora.loop import adamw_steps, batch_order, step_batches
 from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
 from clair_ray.workloads.lora.prefix import PrefixCache
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
-from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig
+from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig, check_lora, held_back
 from clair_ray.workloads.lora.trajectory import RoundState
 
 if TYPE_CHECKING:
@@ -121,67 +123,9 @@ class LoRAWorkload(Workload):
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
-        """Method names and attacks, the device, the multi-round mode's limits and CLAIR's rank."""
+        """The contract's checks, then :func:`~clair_ray.workloads.lora.spec.check_lora`."""
         super().check(cfg)
-        lw, methods, rank = cfg.workload.lora, cfg.aggregation.methods, cfg.aggregation.rank  # type: ignore[attr-defined]
-        name = cfg.workload.name
-        multi = cfg.workload.mode == "multi_round"
-        bad = [m for m in methods if m == "local_early"]
-        # Ray hides every GPU from an actor that reserved none.
-        gpu_ok = lw.device != "cuda" or cfg.engine.actor_num_gpus > 0
-        check_fields(
-            "engine",
-            [
-                (
-                    gpu_ok,
-                    "actor_num_gpus",
-                    cfg.engine.actor_num_gpus,
-                    "must be > 0 with workload.lora.device=cuda",
-                )
-            ],
-        )
-        needs_rank = [m for m in methods if m == "clair"]
-        check_fields(
-            "aggregation",
-            [
-                (
-                    not multi or not bad,
-                    "methods",
-                    list(methods),
-                    f"{name}: local_early is one-shot only (the early snapshot of a single round)",
-                ),
-                (
-                    rank is not None or not needs_rank,
-                    "rank",
-                    rank,
-                    f"must be set for {needs_rank} on LoRA workloads (the detection rank is not chosen "
-                    "from the data there yet)",
-                ),
-                (rank is None or 1 <= rank <= lw.r, "rank", rank, f"must be in [1, workload.lora.r={lw.r}]"),
-                (
-                    "side" not in cfg.aggregation.params.get("clair", {}),
-                    "params.clair.side",
-                    cfg.aggregation.params.get("clair", {}).get("side"),
-                    "a LoRA workload's side is workload.lora.side",
-                ),
-            ],
-        )
-        check_fields(
-            "aggregation",
-            [
-                (
-                    cfg.aggregation.quarantine is None or (multi and "clair" in methods),
-                    "quarantine",
-                    cfg.aggregation.quarantine,
-                    "needs workload.mode=multi_round and method clair (a flag history over rounds)",
-                )
-            ],
-        )
-        early_ok = "local_early" not in methods or lw.early_steps >= 1
-        check_fields(
-            "workload.lora",
-            [(early_ok, "early_steps", lw.early_steps, "must be >= 1 for method local_early")],
-        )
+        check_lora(cfg)
 
     # ---- what a subclass defines ----------------------------------------------------------------------
     def load_base_model(self) -> torch.nn.Module:
@@ -220,11 +164,35 @@ class LoRAWorkload(Workload):
             self._spec = replace(self.lw, targets=list(self.lw.targets) or self.default_targets())
         return self._spec
 
+    @property
+    def selects(self) -> bool:
+        """Whether clients also train without their held-back rows, for ``refine: heldout`` to choose on
+        (``workload.lora.holdout`` > 0 with ``refit``); the aggregated update then uses every row."""
+        return self.lw.holdout > 0 and self.lw.refit and self.cfg.aggregation.refine == HELDOUT
+
     def sizes(self, trial: int) -> np.ndarray:
-        """(K,) local training sequences per client (cached)."""
+        """(K,) rows each client's aggregated update trains on (cached): its local rows, less the held-back
+        ones unless it trains on all of them (:attr:`selects`)."""
         if trial not in self._sizes:
-            self._sizes[trial] = np.asarray(self.client_sizes(trial), dtype=np.int64)
+            n = np.asarray(self.client_sizes(trial), dtype=np.int64)
+            held = [0 if self.selects else held_back(int(x), self.lw.holdout) for x in n]
+            self._sizes[trial] = n - np.array(held, dtype=np.int64)
         return self._sizes[trial]
+
+    def local_rows(self, trial: int, k: int, every: bool = False) -> dict[str, torch.Tensor]:
+        """Client k's rows it trains on: :meth:`train_data` less the last ``workload.lora.holdout`` share
+        (all of it with ``every``)."""
+        data = self.train_data(trial, k)
+        h = 0 if every else held_back(len(data["input_ids"]), self.lw.holdout)
+        return data if h == 0 else {key: v[:-h] for key, v in data.items()}
+
+    def heldout_rows(self, trial: int, k: int) -> dict[str, torch.Tensor]:
+        """Client k's held-back rows (the update the choice is made on never saw them): the last
+        ``workload.lora.holdout`` share of :meth:`train_data`, corrupted as the rest (an attacker holds
+        back what it has)."""
+        data = self.train_data(trial, k)
+        h = held_back(len(data["input_ids"]), self.lw.holdout)
+        return {key: v[len(v) - h :] for key, v in data.items()}  # none without a holdout
 
     def data_seed(self, trial: int, k: int) -> int:
         """The seed of client k's data draws in ``trial``."""
@@ -269,11 +237,11 @@ class LoRAWorkload(Workload):
         return self._prefixes.get(key, gm.prefix, data, next(gm.model.parameters()).device)
 
     def _steps_batches(
-        self, trial: int, jobs: list[ClientJob]
+        self, trial: int, jobs: list[ClientJob], every: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """:func:`~clair_ray.workloads.lora.loop.step_batches` of the clients in ``jobs``."""
         lw = self.lw
-        data = [self.train_data(trial, j.client_id) for j in jobs]
+        data = [self.local_rows(trial, j.client_id, every) for j in jobs]
         idx = [
             batch_order(len(d["input_ids"]), lw.batch, lw.steps, j.seed)
             for d, j in zip(data, jobs, strict=True)
@@ -287,19 +255,20 @@ class LoRAWorkload(Workload):
         return gm.state_from_factors(start)
 
     def _train_group(
-        self, trial: int, jobs: list[ClientJob], start: RoundState | None
+        self, trial: int, jobs: list[ClientJob], start: RoundState | None, every: bool = False
     ) -> tuple[list, list | None, np.ndarray]:
         """Trains G clients together, each from its start in the trajectory ``start`` (None: the common
-        initialisation) on the base plus the trajectory's shared correction; returns (final factors, early
-        factors or None, (G,) last losses)."""
+        initialisation) on the base plus the trajectory's shared correction, on all their rows (``every``)
+        or without the held-back ones; returns (final factors, early factors or None, (G,) last losses)."""
         gm = self._resident()
         device = next(gm.model.parameters()).device
         lw = self.lw
-        ids, labels, mask, rows = self._steps_batches(trial, jobs)
+        ids, labels, mask, rows = self._steps_batches(trial, jobs, every)
         ids, labels = ids.to(device), labels.to(device)
         mask = None if mask is None else mask.to(device)
+        kind = "all" if every else "train"
         prefixes = [
-            self.prefix_states((trial, j.client_id, "train"), self.train_data(trial, j.client_id))
+            self.prefix_states((trial, j.client_id, kind), self.local_rows(trial, j.client_id, every))
             for j in jobs
         ]
         gm.load_clients([self._start_state(gm, trajectory.start_of(start, j.client_id)) for j in jobs])
@@ -346,7 +315,7 @@ class LoRAWorkload(Workload):
         if start is not None:
             lora.load_factors(model, start)
         seed = seeds.derive_seed(self.cfg.seed, seeds.TRAIN, trial, round_, k)
-        data = self.train_data(trial, k)
+        data = self.local_rows(trial, k, self.selects)
         losses = lora.train_peft(
             model, data, batch_order(len(data["input_ids"]), self.lw.batch, self.lw.steps, seed), self.lw.lr
         )
@@ -364,7 +333,8 @@ class LoRAWorkload(Workload):
                 personal adapters); None: the common initialisation.
 
         Returns:
-            The payload ``{"final": StackedFactors, "early": StackedFactors or None}`` over the batch and
+            The payload ``{"final": StackedFactors, "early": StackedFactors or None, "select":
+            StackedFactors or None}`` (``select``: trained without the held-back rows, :attr:`selects`) and
             per-client info (``n_samples``, ``bytes_sent``, ``train_loss``); if training raises, every
             client of the batch drops out with the traceback (they trained together).
         """
@@ -378,9 +348,12 @@ class LoRAWorkload(Workload):
         failed: dict[int, str] = {}
         final: list[Factors | None] = [None] * len(jobs)
         early: list[Factors | None] = [None] * len(jobs)
+        select: list[Factors] | None = None
         if jobs:
             try:
-                f, e, losses = self._train_group(trial, jobs, start)
+                f, e, losses = self._train_group(trial, jobs, start, self.selects)
+                if self.selects:  # the same clients without their held-back rows: refine=heldout's judge
+                    select = self._train_group(trial, jobs, start)[0]
                 for i in range(len(jobs)):
                     final[i] = f[i]
                     early[i] = None if e is None else e[i]
@@ -389,10 +362,12 @@ class LoRAWorkload(Workload):
                 tb = traceback.format_exc()
                 failed = dict.fromkeys(range(len(jobs)), tb)
         template = next((f for f in final if f is not None), None)
-        payload: dict[str, Any] = {"final": {}, "early": None}  # {}: nobody in this batch trained
+        payload: dict[str, Any] = {"final": {}, "early": None, "select": None}  # {}: nobody trained
         if template is not None:
             nan_f = {m: (np.full_like(b, np.nan), np.full_like(a, np.nan)) for m, (b, a) in template.items()}
             payload["final"] = _stack([f if f is not None else nan_f for f in final])
+            if select is not None and not failed:
+                payload["select"] = _stack(select)
             if self.lw.early_steps and any(x is not None for x in early):
                 payload["early"] = _stack([x if x is not None else nan_f for x in early])
         for i, f in enumerate(final):
@@ -402,10 +377,10 @@ class LoRAWorkload(Workload):
         return TrainOutput(payload=payload, info=info, failed=failed)
 
     def corrupt_updates(self, payload: dict[str, Any], positions: list[int]) -> dict[str, Any]:
-        """The payload with the final (and early) factors of the clients at ``positions`` set to NaN."""
-        out: dict[str, Any] = {"final": {}, "early": None}
-        for key in ("final", "early"):
-            if payload[key] is None:
+        """The payload with the final (early, select) factors of the clients at ``positions`` set to NaN."""
+        out: dict[str, Any] = {"final": {}, "early": None, "select": None}
+        for key in ("final", "early", "select"):
+            if payload.get(key) is None:
                 continue
             out[key] = {}
             for m, (b, a) in payload[key].items():
@@ -477,24 +452,45 @@ class LoRAWorkload(Workload):
         (:func:`~clair_ray.workloads.lora.loop.grouped_evaluate`).
         """
         res = nan_metrics(self.K)
+        for gm, chunk in self._loaded_chunks(clients, corr, adapters):
+            out = self._evaluate_set(gm, trial, chunk, "test", self.test_data)
+            for j, k in enumerate(chunk):
+                for name, key in EVAL_METRICS.items():
+                    res[name][k] = out[j][key]
+            for name in self.probes():  # exact match on the probe's labelled tokens
+                got = self._evaluate_set(
+                    gm, trial, chunk, name, lambda t, k, n=name: self.probe_data(t, k, n)
+                )
+                res.setdefault(name, np.full(self.K, np.nan))
+                for j, k in enumerate(chunk):
+                    res[name][k] = got[j]["exact_match"]
+        return res
+
+    @torch.no_grad()
+    def heldout_loss(
+        self, trial: int, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, Factors]
+    ) -> np.ndarray:
+        """(K,) each of ``clients``' mean token loss on its held-back rows (:meth:`heldout_rows`) under the
+        shared correction plus its adapter, NaN elsewhere: what a client reports for ``refine: heldout``
+        (the simulation's aggregator computes the numbers the clients would send back)."""
+        res = np.full(self.K, np.nan)
+        for gm, chunk in self._loaded_chunks(clients, corr, adapters):
+            out = self._evaluate_set(gm, trial, chunk, "heldout", self.heldout_rows)
+            res[chunk] = [o["loss"] for o in out]
+        return res
+
+    def _loaded_chunks(
+        self, clients: list[int], corr: dict[str, np.ndarray], adapters: dict[int, Factors]
+    ) -> Iterator[tuple[Any, list[int]]]:
+        """(resident model, chunk) for chunks of ``clients``, each client's adapter (zero-padded to rank r)
+        loaded as one group on the base plus the shared correction."""
         if not clients:
-            return res
+            return
         with self._corrected_base(corr) as gm:
             for c0 in range(0, len(clients), EVAL_GROUP):
                 chunk = clients[c0 : c0 + EVAL_GROUP]
-                gm.load_clients([gm.state_from_factors(adapters[k]) for k in chunk])  # zero-padded to rank r
-                out = self._evaluate_set(gm, trial, chunk, "test", self.test_data)
-                for j, k in enumerate(chunk):
-                    for name, key in EVAL_METRICS.items():
-                        res[name][k] = out[j][key]
-                for name in self.probes():  # exact match on the probe's labelled tokens
-                    got = self._evaluate_set(
-                        gm, trial, chunk, name, lambda t, k, n=name: self.probe_data(t, k, n)
-                    )
-                    res.setdefault(name, np.full(self.K, np.nan))
-                    for j, k in enumerate(chunk):
-                        res[name][k] = got[j]["exact_match"]
-        return res
+                gm.load_clients([gm.state_from_factors(adapters[k]) for k in chunk])
+                yield gm, chunk
 
     def _evaluate_set(
         self, gm: Any, trial: int, chunk: list[int], kind: str, rows_of: Callable[[int, int], dict]

@@ -28,12 +28,6 @@ REPO = Path(__file__).resolve().parents[3]
 SMALL = REPO / "configs" / "copy_task_small.yaml"
 
 
-@pytest.fixture(scope="session")
-def copy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One base cache for the whole session (the small base trains in a few seconds)."""
-    return tmp_path_factory.mktemp("copy-cache")
-
-
 def small(tmp: Path, cache: Path, *overrides: str):
     return load_config(SMALL, [f"output_dir={tmp}", f"workload.cache_dir={cache}", *overrides])
 
@@ -76,7 +70,7 @@ def test_config_validation_names_key_and_value(tmp_path: Path, copy_cache: Path)
     with pytest.raises(ConfigError, match=r"aggregation\.rank=None: must be set for \['clair'\]"):
         small(tmp_path, copy_cache, "aggregation.rank=null")
     assert small(tmp_path, copy_cache, "aggregation.rank=null", "aggregation.methods=[fedavg,oracle]")
-    with pytest.raises(ConfigError, match=r"aggregation\.refine=-1: must be 'auto' or an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"aggregation\.refine=-1: must be 'auto', 'heldout' or an integer >= 0"):
         small(tmp_path, copy_cache, "aggregation.refine=-1")
     with pytest.raises(ConfigError, match=r"aggregation\.params\.clair\.side='row': .* workload\.lora\.side"):
         small(tmp_path, copy_cache, "aggregation.params={clair: {side: row}}")

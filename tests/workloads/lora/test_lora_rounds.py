@@ -87,11 +87,6 @@ def test_quarantine_counts_the_last_m_rounds_a_client_took_part_in() -> None:
     assert rounds._quarantined(None, hist, [1, 2, 3]) == []
 
 
-@pytest.fixture(scope="module")
-def copy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("copy-cache")
-
-
 def multi(tmp: Path, cache: Path, *overrides: str):
     return load_config(
         SMALL,
