@@ -50,6 +50,7 @@ from clair_ray.workloads.lora.spec import LoraSpec
 
 __all__ = [
     "Factors",
+    "export_states",
     "LoraSpec",
     "apply_refinement",
     "client_model",
@@ -545,3 +546,42 @@ def train_client(
     model = client_model(base, spec, loader)
     loss = train_lora(model, data, steps, lr, batch_size, seed)
     return extract_factors(model), loss
+
+
+def export_states(
+    model: PeftModel, finals: Mapping[str, Any], honest: set[int], r: int, out_dir: Path
+) -> list[Path]:
+    """Each method's final state as ``out_dir/<method>/`` (``correction.safetensors``, ``global/``,
+    ``clients/client<k>/`` for the ``honest`` clients; see ``LoRAWorkload.export``), through ``model``.
+
+    Args:
+        model: A peft model of the base (its adapter is reset afterwards).
+        finals: Method -> final state (``corr``, ``shared``, ``personal``).
+        honest: Clients whose personal adapters are written.
+        r: LoRA rank (a one-shot global method's zero adapter).
+        out_dir: Where the method directories go.
+
+    Returns:
+        The files and directories written.
+    """
+    from safetensors.numpy import save_file
+
+    written: list[Path] = []
+    for method, state in finals.items():
+        d = out_dir / method
+        d.mkdir(parents=True, exist_ok=True)
+        corr = state.get("corr") or {}
+        if corr:
+            path = d / CORRECTION_FILE
+            save_file({n: np.ascontiguousarray(c, dtype=np.float32) for n, c in corr.items()}, str(path))
+            written.append(path)
+        shared = state.get("shared")
+        personal = {k: f for k, f in (state.get("personal") or {}).items() if k in honest}
+        if shared is None and not personal:  # a one-shot global method: the correction is the model
+            shared = {n: (np.zeros((c.shape[0], r)), np.zeros((r, c.shape[1]))) for n, c in corr.items()}
+        if shared is not None:
+            written.append(save_adapter(model, shared, d / "global"))
+        for k in sorted(personal):
+            written.append(save_adapter(model, personal[k], d / "clients" / f"client{k}"))
+    reset_lora(model)
+    return written

@@ -569,32 +569,10 @@ class LoRAWorkload(Workload):
         Returns:
             The files and directories written.
         """
-        from safetensors.numpy import save_file
+        from clair_ray.workloads.lora.adapters import export_states
 
-        from clair_ray.workloads.lora import adapters as lora
-
-        model = self._evaluator()
         honest = set(range(self.K)) - set(self.contamination(trial).contaminated)
-        written: list[Path] = []
-        for method, state in finals.items():
-            d = out_dir / method
-            d.mkdir(parents=True, exist_ok=True)
-            corr = state.get("corr") or {}
-            if corr:
-                path = d / lora.CORRECTION_FILE
-                save_file({n: np.ascontiguousarray(c, dtype=np.float32) for n, c in corr.items()}, str(path))
-                written.append(path)
-            shared = state.get("shared")
-            personal = {k: f for k, f in (state.get("personal") or {}).items() if k in honest}
-            if shared is None and not personal:  # a one-shot global method: the correction is the model
-                r = self.spec.r
-                shared = {n: (np.zeros((c.shape[0], r)), np.zeros((r, c.shape[1]))) for n, c in corr.items()}
-            if shared is not None:
-                written.append(lora.save_adapter(model, shared, d / "global"))
-            for k in sorted(personal):
-                written.append(lora.save_adapter(model, personal[k], d / "clients" / f"client{k}"))
-        lora.reset_lora(model)
-        return written
+        return export_states(self._evaluator(), finals, honest, self.spec.r, out_dir)
 
     # ---- aggregator actor ---------------------------------------------------------------------------
     def aggregate_round(
