@@ -357,7 +357,12 @@ def main() -> None:
     from clair_ray.config import load_config
     from clair_ray.workloads import get_workload
 
-    overrides = [f"workload.num_clients={args.clients}", f"workload.rounds={args.rounds}", *args.override]
+    overrides = [
+        f"workload.num_clients={args.clients}",
+        f"workload.rounds={args.rounds}",
+        "overwrite=true",  # each measurement replaces the previous one's output
+        *args.override,
+    ]
     cfg = load_config(args.config, overrides)
 
     setup: list[dict[str, Any]] = []

@@ -36,6 +36,7 @@ __all__ = [
     "PrefixCache",
     "chunked_token_ce",
     "chunked_token_stats",
+    "fuse_tanh_gelu",
     "layer_index",
     "output_layer",
 ]
@@ -301,3 +302,23 @@ class PrefixCache:
             self._states[key] = h
             self._bytes += h.numel() * h.element_size()
         return self._states[key]
+
+
+def fuse_tanh_gelu(model: nn.Module) -> int:
+    """Swaps GPT-2's ``NewGELUActivation`` (the tanh GELU as five elementwise kernels, each a pass over
+    the (G, b, T, 4H) activations) for transformers' ``GELUTanh`` (``F.gelu(approximate="tanh")``: the
+    same function in one kernel, equal up to float rounding), in place.
+
+    Returns:
+        How many activations were swapped.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is NewGELUActivation:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, GELUTanh())
+            swapped += 1
+    return swapped
+

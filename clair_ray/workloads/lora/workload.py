@@ -56,7 +56,7 @@ from clair_ray.workloads.base import (
 from clair_ray.workloads.lora import rounds, trajectory
 from clair_ray.workloads.lora.loop import adamw_steps, batch_order, step_batches
 from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
-from clair_ray.workloads.lora.prefix import PrefixCache
+from clair_ray.workloads.lora.prefix import PrefixCache, fuse_tanh_gelu
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
 from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig, check_lora, held_back
 from clair_ray.workloads.lora.trajectory import RoundState
@@ -214,6 +214,7 @@ class LoRAWorkload(Workload):
             device, dtype = self._device()
             self._quiet_transformers()
             model = self.load_base_model().to(device=device, dtype=dtype)
+            fuse_tanh_gelu(model)  # grouped training and evaluation only; train_one stays plain peft
             spec = self.spec
             self._grouped = GroupedLoRAModel(
                 model,
