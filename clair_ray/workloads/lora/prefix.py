@@ -321,4 +321,3 @@ def fuse_tanh_gelu(model: nn.Module) -> int:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, GELUTanh())
             swapped += 1
     return swapped
-
