@@ -280,9 +280,11 @@ class Runner:
             reported = n_s - len(dropped)
             need = max(self.cfg.engine.min_clients, 1)
             if reported < need:
+                cause = _last_line(by_client[dropped[0]]["traceback"]) if dropped else ""
                 raise EngineError(
                     f"trial {trial} round {round_}: only {reported} of {of} clients reported "
                     f"(engine.min_clients={self.cfg.engine.min_clients}); dropped: {dropped}"
+                    + (f"; client {dropped[0]} raised: {cause}" if cause else "")
                 )
             finite = sum(1 for m in by_client.values() if m["ok"] and m.get("finite", True))
             if finite == 0:
@@ -599,6 +601,12 @@ class Runner:
             actor_pids=self.pids,
             rounds=rounds,
         )
+
+
+def _last_line(tb: str | None) -> str:
+    """The exception line of a traceback (its last non-empty line): the cause, without the frames."""
+    lines = [ln.strip() for ln in (tb or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 def run_experiment(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> RunResult:

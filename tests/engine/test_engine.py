@@ -119,8 +119,10 @@ def test_dropout_is_logged_and_round_goes_on(tmp_path: Path) -> None:
 
 
 def test_too_few_clients_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(EngineError, match=r"only 10 of 12 clients reported \(engine.min_clients=11\)"):
+    with pytest.raises(EngineError, match=r"only 10 of 12 clients reported \(engine.min_clients=11\)") as err:
         run_experiment(_small(tmp_path, "engine.debug_fail_clients=[0,5]", "engine.min_clients=11"))
+    # The cause is in the error, not only in run.log (an actor-side failure reads as a dropout).
+    assert "client 0 raised: RuntimeError: debug_fail_clients: client 0 fails on purpose" in str(err.value)
 
 
 def test_non_finite_update_is_flagged_and_excluded(tmp_path: Path) -> None:
