@@ -10,14 +10,59 @@ import platform
 import shutil
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from clair_ray import results
 from clair_ray.engine.session import EngineError
 from clair_ray.workloads.base import Column
 
-__all__ = ["LOCK_NAME", "DirLock", "TensorBoard", "package_versions", "prepare_dir", "write_versions"]
+__all__ = [
+    "LOCK_NAME",
+    "DirLock",
+    "RunResult",
+    "TensorBoard",
+    "package_versions",
+    "prepare_dir",
+    "write_versions",
+]
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        out_dir: The run directory.
+        clients: Client table.
+        summary: Summary table.
+        detection: Per-attack detection table.
+        restarts: Client-actor deaths the run recovered from (work re-submitted).
+        dropouts: (trial, round, client_id) of clients that raised.
+        actor_pids: Pid of each client actor when it was last seen.
+        rounds: Per (trial, round) timings in seconds (also ``rounds.parquet``): ``round_s`` (wall, from
+            handing out the first batch to the aggregator's answer), ``train_wall_s`` (until the last
+            client batch answered), ``client_compute_s`` (the busiest client actor's time inside its
+            training calls: the critical path of client compute), ``agg_s`` (the aggregator's compute:
+            attacks, methods, truth metrics), ``eval_s`` (held-out evaluation: what the workload's round
+            reports as evaluation inside the aggregator, plus the whole evaluation phase on the client
+            actors when the round returns an evaluation plan) and
+            ``orchestration_s`` = round_s - client_compute_s - agg_s - eval_s (scheduling, object
+            transfers, waiting, driver work).
+    """
+
+    out_dir: Path
+    clients: pd.DataFrame
+    summary: pd.DataFrame
+    detection: pd.DataFrame
+    restarts: int = 0
+    dropouts: list[tuple[int, int, int]] = field(default_factory=list)
+    actor_pids: list[int] = field(default_factory=list)
+    rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
+
 
 #: The file a run holds in its ``output_dir`` while it runs (pid and host of the holder, as JSON).
 LOCK_NAME = ".clair-ray.lock"

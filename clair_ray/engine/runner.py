@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,68 +35,21 @@ from clair_ray.config import (
 )
 from clair_ray.engine import checkpoint, output
 from clair_ray.engine.actors import AggregatorActor, ClientActor
-from clair_ray.engine.session import EngineError, check_resources, ray_session
+from clair_ray.engine.output import RunResult
+from clair_ray.engine.session import (
+    EngineError,
+    RunInterrupted,
+    SimulatedCrash,
+    check_resources,
+    last_line,
+    ray_session,
+)
 from clair_ray.workloads import get_workload
 
 __all__ = ["EngineError", "RunInterrupted", "RunResult", "SimulatedCrash", "run_experiment"]
 
 log = logging.getLogger("clair_ray.engine")
 SHARED = "*"  # the group name when every method shares the round's updates (the first round)
-
-
-class RunInterrupted(EngineError):
-    """Ctrl+C (SIGINT) stopped the run; the tables of its completed rounds are written.
-
-    Attributes:
-        out_dir: The run directory.
-        completed: (trial, round) of the last checkpointed round, or None if none completed.
-    """
-
-    def __init__(self, out_dir: Path, completed: tuple[int, int] | None) -> None:
-        self.out_dir, self.completed = out_dir, completed
-        done = (
-            "no round completed"
-            if completed is None
-            else f"completed up to trial {completed[0]} round {completed[1]}"
-        )
-        super().__init__(f"interrupted ({done}); tables of the completed rounds are in {out_dir}")
-
-
-class SimulatedCrash(EngineError):
-    """Raised by ``engine.debug_stop_after_round``: the driver 'crashes' right after a checkpoint."""
-
-
-@dataclass
-class RunResult:
-    """What a run produced.
-
-    Attributes:
-        out_dir: The run directory.
-        clients: Client table.
-        summary: Summary table.
-        detection: Per-attack detection table.
-        restarts: Client-actor deaths the run recovered from (work re-submitted).
-        dropouts: (trial, round, client_id) of clients that raised.
-        actor_pids: Pid of each client actor when it was last seen.
-        rounds: Per (trial, round) timings in seconds (also ``rounds.parquet``): ``round_s`` (wall, from
-            handing out the first batch to the aggregator's answer), ``train_wall_s`` (until the last
-            client batch answered), ``client_compute_s`` (the busiest client actor's time inside its
-            training calls: the critical path of client compute), ``agg_s`` (the aggregator's compute:
-            attacks, methods, truth metrics), ``eval_s`` (held-out evaluation: what the workload's round
-            reports as evaluation inside the aggregator, plus the whole evaluation phase on the client
-            actors when the round returns an evaluation plan) and
-            ``orchestration_s`` = round_s - client_compute_s - agg_s - eval_s (scheduling, object
-            transfers, waiting, driver work).
-    """
-
-    out_dir: Path
-    clients: pd.DataFrame
-    summary: pd.DataFrame
-    detection: pd.DataFrame
-    restarts: int = 0
-    dropouts: list[tuple[int, int, int]] = field(default_factory=list)
-    actor_pids: list[int] = field(default_factory=list)
-    rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass
@@ -280,7 +233,7 @@ class Runner:
             reported = n_s - len(dropped)
             need = max(self.cfg.engine.min_clients, 1)
             if reported < need:
-                cause = _last_line(by_client[dropped[0]]["traceback"]) if dropped else ""
+                cause = last_line(by_client[dropped[0]]["traceback"]) if dropped else ""
                 raise EngineError(
                     f"trial {trial} round {round_}: only {reported} of {of} clients reported "
                     f"(engine.min_clients={self.cfg.engine.min_clients}); dropped: {dropped}"
@@ -601,12 +554,6 @@ class Runner:
             actor_pids=self.pids,
             rounds=rounds,
         )
-
-
-def _last_line(tb: str | None) -> str:
-    """The exception line of a traceback (its last non-empty line): the cause, without the frames."""
-    lines = [ln.strip() for ln in (tb or "").strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def run_experiment(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> RunResult:

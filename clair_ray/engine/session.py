@@ -6,16 +6,45 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 
 from clair_ray.config import ExperimentConfig
 
-__all__ = ["EngineError", "check_resources", "ray_session"]
+__all__ = ["EngineError", "RunInterrupted", "SimulatedCrash", "check_resources", "last_line", "ray_session"]
 
 
 class EngineError(RuntimeError):
     """The run cannot go on (too few clients, an actor gone for good, a timeout, bad resources)."""
+
+
+class RunInterrupted(EngineError):
+    """Ctrl+C (SIGINT) stopped the run; the tables of its completed rounds are written.
+
+    Attributes:
+        out_dir: The run directory.
+        completed: (trial, round) of the last checkpointed round, or None if none completed.
+    """
+
+    def __init__(self, out_dir: Path, completed: tuple[int, int] | None) -> None:
+        self.out_dir, self.completed = out_dir, completed
+        done = (
+            "no round completed"
+            if completed is None
+            else f"completed up to trial {completed[0]} round {completed[1]}"
+        )
+        super().__init__(f"interrupted ({done}); tables of the completed rounds are in {out_dir}")
+
+
+class SimulatedCrash(EngineError):
+    """Raised by ``engine.debug_stop_after_round``: the driver 'crashes' right after a checkpoint."""
+
+
+def last_line(tb: str | None) -> str:
+    """The exception line of a traceback (its last non-empty line): the cause, without the frames."""
+    lines = [ln.strip() for ln in (tb or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 @contextlib.contextmanager
