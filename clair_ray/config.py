@@ -128,9 +128,9 @@ class EngineConfig:
         call_timeout_s: Every wait on an actor gives up after this many seconds.
         min_clients: A round fails unless at least this many clients report (0: at least one).
         checkpoint: Write a checkpoint after each round.
-        debug_delay_s: Test hook: each client call sleeps this long before training.
-        debug_marker_dir: Test hook: each client call first writes a marker file (holding the actor's pid)
-            here, so a test can tell a call is in flight.
+        debug_delay_s: Test hook: each client training call and each aggregation sleeps this long first.
+        debug_marker_dir: Test hook: each client training call and each aggregation first writes a marker
+            file (holding the actor's pid) here, so a test can tell a call is in flight.
         debug_fail_clients: Test hook: these client ids raise inside the actor.
         debug_nonfinite_clients: Test hook: these client ids send a non-finite update (any workload).
         debug_stop_after_round: Test hook: stop (as if the driver crashed) after checkpointing this round.

@@ -201,6 +201,12 @@ class AggregatorActor:
             The summary ``{"methods": {method: MethodRound}, "aggregator_s": seconds, "eval_clients":
             [...] or None}``, the per-method starts of the next round, and the evaluation plan (or None).
         """
+        eng = self.cfg.engine
+        if eng.debug_marker_dir:  # the test hooks of the client calls, for killing the aggregator
+            name = f"agg-t{trial}-r{round_}-pid{os.getpid()}"
+            (Path(eng.debug_marker_dir) / name).write_text(str(os.getpid()))
+        if eng.debug_delay_s > 0:
+            time.sleep(eng.debug_delay_s)
         fetched = []
         for g in groups:
             arrays = ray.get([ref for _, ref in g["batches"]], timeout=timeout_s)

@@ -40,7 +40,8 @@ class RunResult:
         clients: Client table.
         summary: Summary table.
         detection: Per-attack detection table.
-        restarts: Client-actor deaths the run recovered from (work re-submitted).
+        restarts: Actor deaths the run recovered from (client actors in training or evaluation, the
+            aggregator; each death once, its work re-submitted).
         dropouts: (trial, round, client_id) of clients that raised.
         actor_pids: Pid of each client actor when it was last seen.
         rounds: Per (trial, round) timings in seconds (also ``rounds.parquet``): ``round_s`` (wall, from

@@ -354,6 +354,7 @@ class Runner:
         bs, A = self.cfg.engine.batch_size, len(self.actors)
         batches = [clients[i : i + bs] for i in range(0, len(clients), bs)]
         tries = dict.fromkeys(range(len(batches)), 0)
+        since: dict[int, float] = {}  # batch -> when its actor was first seen restarting
         refs = {
             self.actors[i % A].evaluate_from.remote(trial, [plan_ref], b, self.timeout): i
             for i, b in enumerate(batches)
@@ -364,12 +365,29 @@ class Runner:
             try:
                 out = ray.get(ref, timeout=self.timeout)
             except RayActorError as exc:
-                tries[i] += 1
-                if tries[i] > self.cfg.engine.max_restarts:
-                    raise EngineError(f"evaluation of clients {batches[i]} failed: {exc}") from exc
-                log.warning(
-                    "client actor %d died evaluating trial %d round %d; re-submitting", i % A, trial, round_
-                )
+                # As in training: a restarting actor answers ActorUnavailableError until it is back; that
+                # is the same death, counted once and waited for within call_timeout_s.
+                if isinstance(exc, ActorUnavailableError) and i in since:
+                    if time.perf_counter() - since[i] > self.timeout:
+                        raise EngineError(
+                            f"client actor {i % A} did not come back within engine.call_timeout_s="
+                            f"{self.timeout}s"
+                        ) from exc
+                else:
+                    tries[i] += 1
+                    if tries[i] > self.cfg.engine.max_restarts:
+                        raise EngineError(f"evaluation of clients {batches[i]} failed: {exc}") from exc
+                    self.restarts += 1
+                    log.warning(
+                        "client actor %d died evaluating trial %d round %d; re-submitting",
+                        i % A,
+                        trial,
+                        round_,
+                    )
+                if isinstance(exc, ActorUnavailableError):
+                    since.setdefault(i, time.perf_counter())
+                else:
+                    since.pop(i, None)
                 time.sleep(0.5)  # the actor is restarting
                 refs[self.actors[i % A].evaluate_from.remote(trial, [plan_ref], batches[i], self.timeout)] = i
                 continue
@@ -388,13 +406,16 @@ class Runner:
                     metrics[name] = col
 
     def _aggregate(self, trial: int, round_: int, payload: list, box: list) -> tuple:
+        restarting = False  # the actor answered ActorUnavailableError: the death was counted already
         for attempt in range(self.cfg.engine.max_restarts + 1):
             meta_ref, next_ref, plan_ref = self.agg.aggregate.options(num_returns=3).remote(
                 trial, round_, payload, box, self.timeout
             )
             try:
                 return ray.get(meta_ref, timeout=self.timeout), next_ref, plan_ref
-            except RayActorError:
+            except RayActorError as exc:
+                self.restarts += not restarting
+                restarting = isinstance(exc, ActorUnavailableError)
                 log.warning(
                     "aggregator actor died in trial %d round %d (attempt %d); re-submitting",
                     trial,
