@@ -14,8 +14,9 @@ Honest clients have B_k = U V_k + noise with U (p, r) orthonormal and shared, V_
 subspace per client, rescaled to the honest median norm, same noise). A_k is Gaussian. Everything is
 built in float32 as factor pairs: the dense p x Kq stack (K p q 4 bytes, 64 GB at full size) is never
 formed. Timed, best of --repeats, in the same process:
-    fast   clair_ray.clair(pairs, rank=r, solver="fast")  (the whole call: checks, padding, compaction,
-           randomized fit, detection, factored refinement object)
+    fast   clair_ray.clair(pairs, rank=r, solver="fast", refine=0)  (the whole call: checks, padding,
+           compaction, randomized fit, detection, factored refinement object; refine=0 because the
+           "auto" rule's rotation null at this size takes minutes, see RESULTS.md)
     floor  torch.svd_lowrank(C, q=r+10, niter=2) on the compact p x (K r) float32 matrix C, built the way
            clair builds it (ops.compact_factors on the stacked factors, then ops.stack); building C is not
            part of the floor.
@@ -137,7 +138,7 @@ def child_fast_memory(args: argparse.Namespace) -> dict[str, float]:
     pairs = [(b[k], a[k]) for k in range(args.clients)]
     after_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    res = clair_ray.clair(pairs, rank=args.lora_rank, solver="fast", seed=args.seed)
+    res = clair_ray.clair(pairs, rank=args.lora_rank, solver="fast", seed=args.seed, refine=0)
     elapsed = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -196,8 +197,8 @@ def part_fast(args: argparse.Namespace) -> dict[str, Any]:
     build_c = time.perf_counter() - t0
     assert c_mat.dtype == torch.float32 and c_mat.shape == (p, k * r)
 
-    def run_fast():
-        return clair_ray.clair(pairs, rank=r, solver="fast", seed=args.seed)
+    def run_fast():  # detection only: refine="auto"'s null at this size costs minutes (RESULTS.md)
+        return clair_ray.clair(pairs, rank=r, solver="fast", seed=args.seed, refine=0)
 
     def run_floor():
         return torch.svd_lowrank(c_mat, q=r + 10, niter=2)

@@ -30,10 +30,9 @@ from clair_ray.aggregators._common import (
 from clair_ray.aggregators.base import AggContext, AggOutput, register_aggregator
 from clair_ray.clair.refine import (
     check_refine,
+    mean_weights,
     refine_dense,
     refinement_bases,
-    robust_weights,
-    update_gram,
 )
 
 __all__ = [
@@ -358,7 +357,7 @@ class Oracle:
             blocks = list(updates.to(torch.float64).unbind(0))
             precision = None if ctx.noise_scale is None else 1.0 / ctx.noise_scale.double()[use] ** 2
             # CLAIR's honest mean, on the true honest set.
-            weights, _ = robust_weights(update_gram("dense", blocks, use), precision=precision)
+            weights, _ = mean_weights("dense", blocks, use, precision=precision)
             col, row = refinement_bases("dense", blocks, use, self.side, ctx.refine, ctx.seed, weights)
             bases = [None if c is None else c.basis for c in (col, row)]
             refined = refine_dense(blocks, bases[0], bases[1], use, weights)

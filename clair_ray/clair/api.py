@@ -32,10 +32,9 @@ from clair_ray.clair.refine import (
     FactoredRefinement,
     check_refine,
     low_rank_mean,
+    mean_weights,
     refine_dense,
     refinement_bases,
-    robust_weights,
-    update_gram,
 )
 from clair_ray.clair.select import (
     choose_rank,
@@ -241,7 +240,7 @@ def clair(
     precision = None
     if noise_scale is not None:  # checked in _detect: K positive finite numbers
         precision = 1.0 / torch.as_tensor(noise_scale, dtype=torch.float64).flatten()[honest] ** 2
-    weights, far = robust_weights(update_gram(kind, items, honest), mean_clip, precision=precision)
+    weights, far = mean_weights(kind, items, honest, mean_clip, precision=precision)
     res.info["mean_clipped"] = [honest[i] for i in far]
     col, row = refinement_bases(kind, items, honest, side, refine, seed, weights)
     col_basis = None if col is None else col.basis.to(res.subspace.dtype)

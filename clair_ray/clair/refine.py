@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.functional import pad as nn_pad
 
 #: Rotated stacks drawn for the parallel-analysis null. Its threshold is their maximum (a ~95th
 #: percentile); on pure Gaussian noise (H = 20, 40 x 10 blocks) 11 of 100 problems kept a direction.
@@ -173,14 +174,40 @@ def update_gram(kind: str, items: list[Any], clients: list[int]) -> torch.Tensor
     if kind == "dense":
         x = torch.stack([items[k].double().flatten() for k in clients])  # (H, p q)
         return x @ x.T
-    bs = [items[k][0].double() for k in clients]
-    as_ = [items[k][1].double() for k in clients]
+    # Pairs of different widths (an attacked update's own rank) are zero-padded: products unchanged.
+    width = max(items[k][0].shape[1] for k in clients)
+    bs = torch.stack([nn_pad(items[k][0].double(), (0, width - items[k][0].shape[1])) for k in clients])
+    as_ = torch.stack(
+        [nn_pad(items[k][1].double(), (0, 0, 0, width - items[k][1].shape[0])) for k in clients]
+    )
     h = len(clients)
     gram = torch.zeros(h, h, dtype=torch.float64)
-    for i in range(h):
-        for j in range(i, h):
-            gram[i, j] = gram[j, i] = torch.sum((bs[i].T @ bs[j]) * (as_[i] @ as_[j].T))
+    for i in range(h):  # row i against every later client in one batched product: (H - i, w, w) each side
+        btb = torch.einsum("pr,jps->jrs", bs[i], bs[i:])  # B_i^T B_j
+        aat = torch.einsum("rq,jsq->jrs", as_[i], as_[i:])  # A_i A_j^T
+        gram[i, i:] = gram[i:, i] = (btb * aat).sum(dim=(1, 2))
     return gram
+
+
+def _robust_mean_applies(h: int, clip: float | None) -> bool:
+    """Whether :func:`robust_weights` looks for far-out clients: 3 to ``MAX_ROBUST_MEAN_CLIENTS``
+    clients (the Gram costs H^2 r^2 (p + q) for factor pairs) and a clip."""
+    return clip is not None and 3 <= h <= MAX_ROBUST_MEAN_CLIENTS
+
+
+def mean_weights(
+    kind: str,
+    items: list[Any],
+    clients: list[int],
+    clip: float | None = MEAN_CLIP,
+    precision: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`robust_weights` of ``clients``' updates, the Gram (:func:`update_gram`) formed only where
+    the robust mean applies (with more clients it is the plain, or precision-weighted, mean)."""
+    h = len(clients)
+    if not _robust_mean_applies(h, clip):
+        return robust_weights(torch.zeros(h, h, dtype=torch.float64), None, precision=precision)
+    return robust_weights(update_gram(kind, items, clients), clip, precision=precision)
 
 
 def robust_weights(
@@ -213,7 +240,7 @@ def robust_weights(
     """
     h = gram.shape[0]
     prior = torch.ones(h, dtype=torch.float64) if precision is None else precision.double()
-    if clip is None or h < 3 or h > MAX_ROBUST_MEAN_CLIENTS:
+    if not _robust_mean_applies(h, clip):
         return prior / prior.sum(), []
     diag = torch.diagonal(gram)
 

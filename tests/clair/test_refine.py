@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -109,10 +111,29 @@ def test_robust_weights_are_the_mean_without_outliers_and_bound_them() -> None:
         )
         for _ in range(4)
     ]
+    pairs[2] = (torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen))
+    pairs[2] = (pairs[2][0], pairs[2][1].double())  # a wider pair (an attacked update's own rank)
     dense = [b @ a for b, a in pairs]
     torch.testing.assert_close(
         update_gram("factors", pairs, [0, 2, 3]), update_gram("dense", dense, [0, 2, 3])
     )
+
+
+def test_mean_weights_form_no_gram_beyond_the_robust_mean_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_ROBUST_MEAN_CLIENTS the mean is plain and the H^2 Gram is never formed (at K = 1000 on a
+    4096 x 4096 module it took minutes)."""
+    refine = importlib.import_module("clair_ray.clair.refine")  # clair_ray.clair is also a function name
+
+    def no_gram(*args: object) -> torch.Tensor:
+        raise AssertionError("the Gram was formed")
+
+    monkeypatch.setattr(refine, "update_gram", no_gram)
+    h = refine.MAX_ROBUST_MEAN_CLIENTS + 1
+    w, far = refine.mean_weights("dense", [torch.zeros(2, 2)] * h, list(range(h)))
+    torch.testing.assert_close(w, torch.full((h,), 1.0 / h, dtype=torch.float64))
+    assert far == []
+    with pytest.raises(AssertionError, match="the Gram was formed"):
+        refine.mean_weights("dense", [torch.zeros(2, 2)] * 4, [0, 1, 2, 3])
 
 
 def test_in_subspace_attackers_do_not_move_the_honest_mean() -> None:

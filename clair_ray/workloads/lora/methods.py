@@ -40,7 +40,7 @@ import torch
 from clair_ray.aggregators import AGGREGATORS, AggContext, get_aggregator
 from clair_ray.clair import combine_modules, heldout
 from clair_ray.clair.api import clair
-from clair_ray.clair.refine import MEAN_CLIP, refinement_bases, robust_weights, update_gram
+from clair_ray.clair.refine import MEAN_CLIP, mean_weights, refinement_bases
 
 __all__ = [
     "OWN_METHODS",
@@ -386,7 +386,7 @@ def _refined(
         kind, inp = _inputs(ups, n, keep, mode)
         items = list(inp.unbind(0)) if kind == "dense" else inp
         pos = list(range(len(keep)))
-        w, _ = robust_weights(update_gram(kind, items, pos), mean_clip)
+        w, _ = mean_weights(kind, items, pos, mean_clip)
         weights[n] = w.numpy()
         rule = heldout.TOP_RANK if by_heldout or fixed else refine
         col, row = refinement_bases(kind, items, pos, side, rule, seed, w)
