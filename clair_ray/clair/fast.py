@@ -135,9 +135,11 @@ def fast_fit(
         new = basis
         for step in range(2 if it == 1 else 1):
             # Y^T V with Y_k = x_k (kept) or U U^T x_k = U coeff_k (flagged), then Y (Y^T V). In the first
-            # step V = U, so X^T V is the scores' coefficients (one pass over X saved) and U^T V = I.
-            xv, uv = (coeff.T, None) if step == 0 else (x.T @ new, basis.T @ new)
-            yv = keep * xv + drop * (coeff.T if uv is None else coeff.T @ uv)  # (K w, r)
+            # step V = U, where Y_k^T U = x_k^T U for every block: the scores' coefficients (a pass saved).
+            if step == 0:
+                yv = coeff.T  # (K w, r)
+            else:
+                yv = keep * (x.T @ new) + drop * (coeff.T @ (basis.T @ new))  # (K w, r)
             new = orthonormalize(x @ (keep * yv) + basis @ (coeff @ (drop * yv)))
         moved = 2.0**0.5 * float(torch.linalg.matrix_norm(new - basis @ (basis.T @ new)))
         basis = new

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from clair_ray import cli
-from clair_ray.engine import EngineError, run_experiment
+from clair_ray.config import ExperimentConfig
+from clair_ray.engine import EngineError, RunResult, run_experiment
 from clair_ray.results import NONDETERMINISTIC_COLUMNS, read_tables
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -70,6 +71,29 @@ def test_same_results_with_1_or_3_actors(reference, tmp_path: Path) -> None:
     assert s.loc["clair", "honest_mean_error"] < s.loc["local", "honest_mean_error"]
 
 
+def _run_killing(cfg: ExperimentConfig, markers: Path, pattern: str) -> tuple[RunResult, dict[str, int]]:
+    """Runs ``cfg`` while a thread SIGKILLs the process of the first debug marker matching ``pattern`` (a
+    call in flight: it sleeps ``engine.debug_delay_s`` after writing its marker); returns the run's result
+    and ``{"pid": the killed pid}`` (empty if no marker appeared within 120 s)."""
+    killed: dict[str, int] = {}
+
+    def killer() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            found = sorted(markers.glob(pattern))
+            if found:
+                killed["pid"] = int(found[0].read_text())
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = run_experiment(cfg)
+    t.join(timeout=5)
+    return res, killed
+
+
 def test_actor_killed_mid_round_is_restarted(reference, tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -80,23 +104,7 @@ def test_actor_killed_mid_round_is_restarted(reference, tmp_path: Path) -> None:
         "engine.debug_delay_s=2.0",
         f"engine.debug_marker_dir={markers}",
     )
-    killed: dict[str, object] = {}
-
-    def killer() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            found = sorted(markers.glob("*-c0-*"))  # the batch of clients 0..5, on actor 0
-            if found:
-                pid = int(found[0].read_text())
-                killed["marker"], killed["pid"] = found[0].name, pid
-                os.kill(pid, signal.SIGKILL)  # the call sleeps debug_delay_s: it is mid-round
-                return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    res = run_experiment(cfg)
-    t.join(timeout=5)
+    res, killed = _run_killing(cfg, markers, "*-c0-*")  # the batch of clients 0..5, on actor 0
     assert "pid" in killed, "the killer never saw the round start"
     assert res.restarts == 1  # one kill, one death counted (Ray answers "unavailable" until it is back)
     # the same batch ran again, in a new process (the restarted actor)
@@ -113,22 +121,7 @@ def test_aggregator_killed_mid_round_is_restarted(reference, tmp_path: Path) -> 
     markers = tmp_path / "markers"
     markers.mkdir()
     cfg = _small(tmp_path / "run", "engine.debug_delay_s=1.5", f"engine.debug_marker_dir={markers}")
-    killed: dict[str, int] = {}
-
-    def killer() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            found = sorted(markers.glob("agg-*"))
-            if found:
-                killed["pid"] = int(found[0].read_text())
-                os.kill(killed["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    res = run_experiment(cfg)
-    t.join(timeout=5)
+    res, killed = _run_killing(cfg, markers, "agg-*")
     assert "pid" in killed, "the killer never saw the aggregation start"
     assert res.restarts == 1
     assert len({int(m.read_text()) for m in markers.glob("agg-*")}) == 2  # the round ran again elsewhere

@@ -352,7 +352,7 @@ def _one_shot(
         cfg.aggregation.assumed_fraction, cfg.contamination.fraction, len(active)
     )
     by_heldout = cfg.aggregation.refine == heldout.HELDOUT
-    select = _select_updates(wl, trial, round_, group) if by_heldout and wl.selects else None
+    select = _select_updates(wl, trial, round_, group, reported) if wl.selects else None
     for method in group.methods:
         t0 = time.perf_counter()
         flagged, reason = non_finite_flags(reported, valid)
@@ -410,15 +410,13 @@ def _validator(wl: LoRAWorkload, trial: int) -> Validate:
 
 
 def _select_updates(
-    wl: LoRAWorkload, trial: int, round_: int, group: Group
+    wl: LoRAWorkload, trial: int, round_: int, group: Group, reported: np.ndarray
 ) -> tuple[ModuleUpdates, list[Factors], list[int]]:
     """(updates, factors, valid clients) of the trainings without the held-back rows (``refit``), attacked
-    as the aggregated updates are."""
+    as the aggregated updates are; ``reported``: (K,) the clients that did not drop out."""
     names, sel, _, finite = collect(wl.K, group, "select")
     ups = ModuleUpdates({n: [sel[k][n] if sel[k] else None for k in range(wl.K)] for n in names})
     _attack_updates(wl, trial, round_, ups, finite)
-    reported = np.ones(wl.K, dtype=bool)
-    reported[list(group.dropped)] = False
     return ups, sel, np.flatnonzero(reported & ups.finite()).tolist()
 
 
@@ -440,7 +438,8 @@ def _heldout_choice(
         picked.append(judge(clients, n, make))
         return picked[-1]
 
-    honest_here = [k for k in honest if k in set(active)]
+    valid = set(active)
+    honest_here = [k for k in honest if k in valid]
     run_method(
         method,
         ups,

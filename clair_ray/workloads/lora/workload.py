@@ -182,17 +182,19 @@ class LoRAWorkload(Workload):
     def local_rows(self, trial: int, k: int, every: bool = False) -> dict[str, torch.Tensor]:
         """Client k's rows it trains on: :meth:`train_data` less the last ``workload.lora.holdout`` share
         (all of it with ``every``)."""
-        data = self.train_data(trial, k)
-        h = 0 if every else held_back(len(data["input_ids"]), self.lw.holdout)
-        return data if h == 0 else {key: v[:-h] for key, v in data.items()}
+        return self._split_rows(trial, k, every)[0]
 
     def heldout_rows(self, trial: int, k: int) -> dict[str, torch.Tensor]:
         """Client k's held-back rows (the update the choice is made on never saw them): the last
         ``workload.lora.holdout`` share of :meth:`train_data`, corrupted as the rest (an attacker holds
-        back what it has)."""
+        back what it has); none without a holdout."""
+        return self._split_rows(trial, k)[1]
+
+    def _split_rows(self, trial: int, k: int, every: bool = False) -> tuple[dict, dict]:
         data = self.train_data(trial, k)
-        h = held_back(len(data["input_ids"]), self.lw.holdout)
-        return {key: v[len(v) - h :] for key, v in data.items()}  # none without a holdout
+        n = len(data["input_ids"])
+        cut = n if every else n - held_back(n, self.lw.holdout)
+        return {key: v[:cut] for key, v in data.items()}, {key: v[cut:] for key, v in data.items()}
 
     def data_seed(self, trial: int, k: int) -> int:
         """The seed of client k's data draws in ``trial``."""
