@@ -40,11 +40,8 @@ base (keys ``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.wei
 order), so ``set_peft_model_state_dict`` loads it into a peft model. :meth:`~GroupedLoRAModel.client_factors`
 gives the float64 factor pairs of :func:`clair_ray.workloads.lora.extract_factors` (scaling folded into B).
 
-**Throughput** (benchmarks/bench_grouped_lora.py, tiny GPT-2, batch 16 x 32 tokens, one CPU thread): one
-client at a time spends ~7 ms of a ~18 ms step on per-step overhead; grouping shares it, so the gain on
-CPU is bounded by the per-token compute, about 1.6-1.7x at best. The best group size on CPU is about 4k
-tokens per step (G = 4..8 here); beyond that the activations fall out of cache and G = 32 is slower than
-G = 8. On a GPU, where a tiny step is launch-bound, larger G should pay more (not measured here).
+**Throughput** (RESULTS.md): grouping shares the per-step overhead; on CPU the per-token compute bounds
+the gain (best near 4k tokens per step). Prompt positions skip the last feed-forward block (``tail``).
 """
 
 from __future__ import annotations
@@ -61,6 +58,7 @@ from transformers.pytorch_utils import Conv1D
 from clair_ray.workloads.lora.loop import adamw_steps, grouped_token_loss, real_width, token_stats
 from clair_ray.workloads.lora.prefix import (
     FrozenPrefix,
+    LabelledTail,
     adapted_modules,
     chunked_token_ce,
     chunked_token_stats,
@@ -68,11 +66,7 @@ from clair_ray.workloads.lora.prefix import (
     output_layer,
 )
 
-__all__ = [
-    "GroupedLoRALinear",
-    "GroupedLoRAModel",
-    "PEFT_PREFIX",
-]
+__all__ = ["GroupedLoRALinear", "GroupedLoRAModel", "PEFT_PREFIX"]
 
 #: Prefix of every key in a peft adapter state dict (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -232,6 +226,7 @@ class GroupedLoRAModel:
     Attributes:
         model: The HF model, its target modules replaced in place by :class:`GroupedLoRALinear`.
         layers: Base-model module name -> its grouped layer, in module order.
+        tail: Runs the last layer's feed-forward block on scored positions only (:class:`LabelledTail`).
     """
 
     def __init__(
@@ -286,6 +281,7 @@ class GroupedLoRAModel:
         first = min(layer_index(n) or 0 for n in self.layers)
         if reuse_prefix and layers and first > 0 and FrozenPrefix.supported(model):
             self.prefix = FrozenPrefix(model, first)
+        self.tail = LabelledTail(model)
 
     @property
     def n_clients(self) -> int:
@@ -519,10 +515,11 @@ class GroupedLoRAModel:
         """
         g = self.n_clients
         ids, lab, mask, hidden = self._batch(input_ids, labels, attention_mask, hidden)
-        if hidden is None and not self.loss_chunk:
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
-            return grouped_token_loss(logits, lab, g)[0]
-        ce, seq = chunked_token_ce(*self._head(ids, lab, mask, hidden))  # (M,)
+        with self.tail.only_scored(lab):
+            if hidden is None and not self.loss_chunk:
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b,T,V)
+                return grouped_token_loss(logits, lab, g)[0]
+            ce, seq = chunked_token_ce(*self._head(ids, lab, mask, hidden))  # (M,)
         group = torch.div(seq, ids.shape[0] // g, rounding_mode="floor")  # sequence -> its client
         total = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, ce)
         count = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, torch.ones_like(ce))
@@ -547,11 +544,12 @@ class GroupedLoRAModel:
         (:func:`~clair_ray.workloads.lora.loop.token_stats`), with or without the prefix and chunks."""
         g, b = input_ids.shape[:2]
         ids, lab, mask, hidden = self._batch(input_ids, labels, attention_mask, hidden)
-        if hidden is None and not self.loss_chunk:
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b, T, V)
-            stats = token_stats(logits[:, :-1], lab[:, 1:])
-        else:
-            stats = chunked_token_stats(*self._head(ids, lab, mask, hidden))
+        with self.tail.only_scored(lab):
+            if hidden is None and not self.loss_chunk:
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (G*b,T,V)
+                stats = token_stats(logits[:, :-1], lab[:, 1:])
+            else:
+                stats = chunked_token_stats(*self._head(ids, lab, mask, hidden))
         return tuple(t.view(g, b) for t in stats)
 
     def train_steps(

@@ -16,6 +16,13 @@ are the largest tensors of a step, forward and backward. :func:`chunked_token_ce
 positions through the output layer, at most ``chunk`` rows at a time, and recomputes each chunk's logits in
 the backward pass instead of storing them: memory O(chunk · V), the same numbers as the full cross-entropy
 up to float round-off (tested).
+
+**Labelled tail.** Where a batch's first labelled token sits at column c (a masked prompt: the copy task's
+first half, an instruction), the last decoder layer's feed-forward block at positions < c - 1 feeds only
+logits that no loss reads: every op after that layer's attention is per position. :class:`LabelledTail`
+runs that block on positions c - 1 onwards only (zeros in its place before them, so those positions'
+logits are finite and unscored); the scored outputs and every gradient are the same up to float
+round-off (tested against the whole forward).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from clair_ray.workloads.lora.loop import real_width
 
 __all__ = [
     "FrozenPrefix",
+    "LabelledTail",
     "adapted_modules",
     "PrefixCache",
     "chunked_token_ce",
@@ -259,6 +267,54 @@ class FrozenPrefix:
         with self._swapped(list(self.body.layers[self.first :]), self.body.norm):
             out = self.body(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
+
+
+class LabelledTail:
+    """The last decoder layer's feed-forward block (``mlp``) run only where a label is predicted.
+
+    Hooks on that module slice its input to the positions from :meth:`only_scored`'s start and pad its
+    output back with zeros; outside :meth:`only_scored` they pass everything through. The module tree
+    (and so every module name and state-dict key) is unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        """Hooks the last layer of a GPT-2 (``h``) or Llama-style (``layers``) body of ``model``; with
+        neither (:attr:`supported` False), :meth:`only_scored` changes nothing."""
+        self.start = 0
+        body = getattr(model, "base_model", None)
+        layers = getattr(body, "h", None) or getattr(body, "layers", None)
+        mlp = getattr(layers[-1], "mlp", None) if isinstance(layers, nn.ModuleList) and len(layers) else None
+        self.supported = isinstance(mlp, nn.Module)
+        if isinstance(mlp, nn.Module):
+            mlp.register_forward_pre_hook(self._cut)
+            mlp.register_forward_hook(self._pad)
+
+    @staticmethod
+    def first_scored(labels: torch.Tensor) -> int:
+        """The first position (n, T) ``labels`` score: one before the first column with a label (0 if
+        none; column 0 is never predicted)."""
+        cols = (labels[:, 1:] != -100).any(dim=0).nonzero()
+        return int(cols[0]) if len(cols) else 0
+
+    @contextlib.contextmanager
+    def only_scored(self, labels: torch.Tensor) -> Iterator[None]:
+        """Within: the block runs on positions from :meth:`first_scored` of ``labels`` (n, T) on."""
+        self.start = self.first_scored(labels) if self.supported else 0
+        try:
+            yield
+        finally:
+            self.start = 0
+
+    def _cut(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not self.start:
+            return None
+        return (args[0][:, self.start :], *args[1:])  # (n, T - start, H)
+
+    def _pad(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+        if not self.start:
+            return None
+        zeros = out.new_zeros(out.shape[0], self.start, out.shape[2])
+        return torch.cat([zeros, out], dim=1)  # (n, T, H)
 
 
 class PrefixCache:

@@ -71,12 +71,13 @@ def _grouped(dirs: dict[str, Path], arch: str, dtype: torch.dtype) -> GroupedLoR
     return GroupedLoRAModel(_load(dirs, arch, dtype), TARGETS[arch], R, ALPHA, n_clients=G)
 
 
-def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Different random tokens per client; clients 1 and 3 train only on the second half (labels -100)."""
+def _data(seed: int, prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Different random tokens per client; clients 1 and 3 train only on the second half (labels -100),
+    every client with ``prompt`` (then the last feed-forward block skips the first half: LabelledTail)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (G, B, T), generator=gen)  # (G, b, T)
     labels = ids.clone()
-    labels[1::2, :, : T // 2] = -100
+    labels[slice(None) if prompt else slice(1, None, 2), :, : T // 2] = -100
     return ids, labels
 
 
@@ -149,28 +150,34 @@ def _train_one_at_a_time(
 
 
 @pytest.mark.parametrize(
-    ("arch", "dtype", "weight_decay"),
+    ("arch", "dtype", "weight_decay", "prompt"),
     [
-        ("gpt2", torch.float32, 0.0),
-        ("gpt2", torch.float64, 0.01),
-        ("llama", torch.float32, 0.01),
-        ("llama", torch.float64, 0.0),
+        ("gpt2", torch.float32, 0.0, False),
+        ("gpt2", torch.float64, 0.01, False),
+        ("llama", torch.float32, 0.01, False),
+        ("llama", torch.float64, 0.0, False),
+        ("gpt2", torch.float32, 0.0, True),
+        ("llama", torch.float64, 0.01, True),
     ],
 )
 def test_batched_training_equals_one_client_at_a_time(
-    base_dirs: dict[str, Path], arch: str, dtype: torch.dtype, weight_decay: float
+    base_dirs: dict[str, Path], arch: str, dtype: torch.dtype, weight_decay: float, prompt: bool
 ) -> None:
     """Per-step losses and final A/B of every client agree with peft + AdamW client by client (rtol 1e-5)."""
     steps, lr = 5, 3e-3
     grouped = _grouped(base_dirs, arch, dtype)
     # Clients start from different peft inits (B = 0), as clients with different init seeds would.
     states = [grouped.init_client_state(100 + g) for g in range(G)]
-    batches = [_data(seed=10 + s) for s in range(steps)]  # a fresh batch per step
+    batches = [_data(seed=10 + s, prompt=prompt) for s in range(steps)]  # a fresh batch per step
     ids = torch.stack([b[0] for b in batches])  # (steps, G, b, T)
     labels = torch.stack([b[1] for b in batches])
 
     grouped.load_clients(states)
+    cut: list[int] = []  # positions the last feed-forward block sees, per forward
+    last_mlp = grouped.model.base_model.get_submodule("h.1.mlp" if arch == "gpt2" else "layers.1.mlp")
+    last_mlp.register_forward_pre_hook(lambda m, a: cut.append(a[0].shape[1]))
     losses = grouped.train_steps(ids, steps, lr, labels=labels, weight_decay=weight_decay)  # (steps, G)
+    assert cut == [T - T // 2 + 1 if prompt else T] * steps
     ref_losses, ref_states = _train_one_at_a_time(
         _peft(base_dirs, arch, dtype), states, ids, labels, steps, lr, weight_decay
     )

@@ -13,7 +13,7 @@ from tiny_models import tiny_llama
 from clair_ray.workloads.lora import adapters as lora
 from clair_ray.workloads.lora.grouped import GroupedLoRAModel
 from clair_ray.workloads.lora.loop import grouped_evaluate
-from clair_ray.workloads.lora.prefix import FrozenPrefix, chunked_token_ce, layer_index
+from clair_ray.workloads.lora.prefix import FrozenPrefix, LabelledTail, chunked_token_ce, layer_index
 from clair_ray.workloads.lora.spec import LoraSpec
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -144,3 +144,43 @@ def test_cached_prefix_by_length_chunks_gives_the_same_losses(llama: torch.nn.Mo
         reused = gm.client_losses(ids, labels, mask, hidden)
         plain = grouped(llama).client_losses(ids, labels, mask)
     torch.testing.assert_close(reused, plain, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"loss_chunk": 5}, {"reuse_prefix": True, "loss_chunk": 5}])
+def test_labelled_tail_equals_the_full_last_layer(llama: torch.nn.Module, kw: dict) -> None:
+    """With every row's first 4 tokens unlabelled, the last feed-forward block runs on positions 3.. only:
+    the same losses, gradients and evaluation as with it on every position."""
+    ids, labels, mask = batch()
+    labels[..., :4] = -100
+    assert LabelledTail.first_scored(labels.flatten(0, 1)) == 3
+    results = []
+    for cut in (False, True):
+        gm = grouped(llama, **kw)
+        gm.tail.supported = cut
+        hidden = None
+        if gm.prefix is not None:
+            hidden = gm.prefix_hidden(ids.flatten(0, 1), mask.flatten(0, 1)).view(*ids.shape, -1)
+        loss = gm.client_losses(ids, labels, mask, hidden)
+        loss.sum().backward()
+        data = [{"input_ids": ids[g], "labels": labels[g], "attention_mask": mask[g]} for g in range(2)]
+        ev = grouped_evaluate(gm, data, rows=2, hidden=None if hidden is None else list(hidden))
+        results.append((loss.detach(), [p.grad.clone() for p in gm.parameters()], ev))
+    (loss0, grads0, ev0), (loss1, grads1, ev1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-9, atol=0)
+    for a, b in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9 * float(b.abs().max()))
+    for a, b in zip(ev1, ev0, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
+        assert (a["exact_match"], a["token_accuracy"]) == (b["exact_match"], b["token_accuracy"])
+
+
+def test_labelled_tail_first_scored_position() -> None:
+    labels = torch.full((2, 6), -100)
+    assert LabelledTail.first_scored(labels) == 0  # nothing scored: nothing cut
+    labels[1, 4] = 7
+    assert LabelledTail.first_scored(labels) == 3  # position 3 predicts token 4
+    labels[0, 0] = 7  # column 0 is never predicted
+    assert LabelledTail.first_scored(labels) == 3
+    labels[0, 1] = 7
+    assert LabelledTail.first_scored(labels) == 0
+    assert not LabelledTail(torch.nn.Linear(2, 2)).supported
