@@ -21,7 +21,7 @@ from clair_ray.clair.fast import fast_fit
 from clair_ray.clair.ops import (
     block_norms,
     compact_dense,
-    compact_factors,
+    compact_pairs,
     limit_threads,
     project_onto,
     project_out,
@@ -276,9 +276,8 @@ def _detect(
         ok = _finite_mask(stacked)
     else:
         oriented_pairs = [(b, a) if side == "column" else (a.T, b.T) for b, a in items]
-        b_all, a_all = _stack_factors(oriented_pairs)  # (K, p, w), (K, w, q)
-        p, q = b_all.shape[1], a_all.shape[2]
-        ok = _finite_mask(b_all) & _finite_mask(a_all)
+        packed, ok = compact_pairs(oriented_pairs)  # (K, p, w), (K,)
+        p, q = packed.shape[1], oriented_pairs[0][1].shape[1]
     finite = ok.nonzero().flatten().tolist()
     if rank is not None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -313,10 +312,8 @@ def _detect(
         else:
             blocks = dense
     else:
-        if keep is not None:
-            b_all, a_all = b_all[keep], a_all[keep]
-        blocks = compact_factors(b_all, a_all)  # (K_f, p, r')
-        del b_all, a_all
+        blocks = packed if keep is None else packed[keep]  # (K_f, p, r')
+        del packed
     kf = blocks.shape[0]
     # One client's influence on the fit is bounded: a block above BLOCK_NORM_CAP x the median norm is
     # scaled down to it. Its direction, and so the fraction of it outside the subspace (the evidence),
@@ -508,21 +505,6 @@ def _finite_mask(stacked: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def _stack_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacks K factor pairs into B (K, p, w), A (K, w, q), zero-padding smaller ranks up to w."""
-    width = max(b.shape[1] for b, _ in pairs)
-    if all(b.shape[1] == width for b, _ in pairs):
-        return torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])
-    p, q = pairs[0][0].shape[0], pairs[0][1].shape[1]
-    # Zero columns of B and rows of A change neither the products nor any CLAIR quantity.
-    b_pad = torch.zeros(len(pairs), p, width, dtype=pairs[0][0].dtype)
-    a_pad = torch.zeros(len(pairs), width, q, dtype=pairs[0][1].dtype)
-    for i, (b, a) in enumerate(pairs):
-        b_pad[i, :, : b.shape[1]] = b
-        a_pad[i, : a.shape[0], :] = a
-    return b_pad, a_pad
-
-
 def _factored_offset(
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     rank: int | None,
@@ -540,11 +522,9 @@ def _factored_offset(
     """
     k_all = len(pairs)
     r_c = offset_rank or max(b.shape[1] for b, _ in pairs)
-    b_all, a_all = _stack_factors(pairs)
-    compact_norms = block_norms(
-        compact_factors(b_all, a_all)
-    ).double()  # (K,) ||B_k A_k||_F, nan if not finite
-    del b_all, a_all
+    packed, ok = compact_pairs(pairs)
+    compact_norms = block_norms(packed).double().masked_fill(~ok, math.nan)  # (K,) ||B_k A_k||_F
+    del packed
     finite = [k for k in range(k_all) if math.isfinite(float(compact_norms[k]))]
     if len(finite) < 2:
         raise ValueError(

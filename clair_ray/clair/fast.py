@@ -19,7 +19,9 @@ large blocks cannot take over the first basis.
 Measured (benchmarks/bench_clair.py, K = 1000, p = q = 4096, r' = 16): the first version, on a (K, p, w)
 layout with einsum, four full-size temporaries per iteration and a float32 stopping tolerance it could not
 reach, ran at 40-56x the floor (one torch.svd_lowrank of X); this layout stops in 3 iterations, at
-3.7-3.8x the floor since the scores' U^T X also serves the first subspace step (4.3x before).
+3.7-3.8x the floor since the scores' U^T X also serves the first subspace step (4.3x before), and at
+2.6-2.7x since clair() compacts the pairs one by one straight into X's memory (ops.compact_pairs: no
+stacked copies of the factors, no copy for the stacked view).
 """
 
 from __future__ import annotations

@@ -136,6 +136,49 @@ def compact_factors(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def compact_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compact_factors` of K factor pairs of possibly different ranks, and which are finite.
+
+    Built pair by pair, never stacking the (K, p, r') and (K, r', q) factors, straight into (K, r', p)
+    memory: the blocks come back as its (K, p, r') transpose, so :func:`stack` of them is a free view
+    (column-major p x K r'), the per-block norms read contiguous memory, and a non-finite pair shows as a
+    non-finite Gram or block (NaN and inf propagate through both products; a finite pair whose float
+    Gram overflows is checked exactly and compacted in float64). Zero columns pad ranks below r' = the
+    largest rank (they change no product). Non-finite clients get a zero block.
+
+    Args:
+        pairs: K pairs (B_k (p, r_k), A_k (r_k, q)) of one dtype.
+
+    Returns:
+        Blocks (K, p, r') (a transposed view of contiguous (K, r', p) memory) and finite (K,) bool.
+    """
+    k, p = len(pairs), pairs[0][0].shape[0]
+    width, dtype = max(b.shape[1] for b, _ in pairs), pairs[0][0].dtype
+    gram = torch.zeros(k, width, width, dtype=torch.float64)
+    for i, (_, a) in enumerate(pairs):
+        gram[i, : a.shape[0], : a.shape[0]] = a @ a.T  # (r_k, r_k) in the input's dtype, as before
+    ok = torch.isfinite(gram).flatten(1).all(dim=1)  # (K,)
+    safe = torch.where(ok[:, None, None], gram, torch.eye(width, dtype=torch.float64))
+    evals, evecs = torch.linalg.eigh(safe)  # (K, r'), (K, r', r'), ascending
+    root_t = (evecs * evals.clamp_min(0.0).sqrt()[:, None, :]).transpose(1, 2).to(dtype)  # (K, r', r')
+    ill = ok & (evals[:, 0] <= 1e-6 * evals[:, -1])  # see compact_factors: these go through a QR
+    out = torch.empty(k, width, p, dtype=dtype)  # (K, r', p): every row is written below
+    for i, ((b, _), fine) in enumerate(zip(pairs, (ok & ~ill).tolist(), strict=True)):
+        if fine:
+            torch.matmul(root_t[i, :, : b.shape[1]], b.T, out=out[i])  # (r', p) = (B_k root_k)^T
+    ok &= torch.isfinite(torch.linalg.vector_norm(out.flatten(1), dim=1))  # a non-finite B_k
+    for i in (ill | ~ok).nonzero().flatten().tolist():
+        b, a = pairs[i]
+        if bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all()):
+            _, r_mat = torch.linalg.qr(a.T.double())  # (min(q, r_k), r_k): A_k^T = Q R, C_k = B_k R^T
+            out[i] = 0.0
+            out[i, : r_mat.shape[0]] = (r_mat @ b.T.double()).to(dtype)
+            ok[i] = True
+        else:
+            out[i], ok[i] = 0.0, False
+    return out.transpose(1, 2), ok
+
+
 @contextlib.contextmanager
 def limit_threads(active: bool, num_threads: int = 1) -> Iterator[None]:
     """Runs the body with ``num_threads`` intra-op threads when ``active``, restoring the setting after.

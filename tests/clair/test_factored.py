@@ -7,7 +7,7 @@ import torch
 
 import clair_ray
 from clair_ray.clair.metrics import subspace_error
-from clair_ray.clair.ops import compact_factors, stack
+from clair_ray.clair.ops import compact_factors, compact_pairs, stack
 from clair_ray.clair.refine import FactoredRefinement
 from clair_ray.clair.synthetic import lora_factors, make_instance
 
@@ -38,6 +38,40 @@ def test_compact_form_preserves_singular_values_and_block_norms() -> None:
     torch.testing.assert_close(
         torch.linalg.vector_norm(compact, dim=(1, 2)), torch.linalg.vector_norm(dense, dim=(1, 2))
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_pairs_equal_the_stacked_compact_form(dtype: torch.dtype) -> None:
+    """Pair by pair: the same Gram C_k C_k^T = B_k A_k A_k^T B_k^T as compact_factors (mixed ranks
+    zero-padded, a nearly rank-deficient A_k through the QR route), non-finite pairs flagged and zeroed,
+    and stack() of the result a view, not a copy."""
+    gen = torch.Generator().manual_seed(1)
+    pairs = [
+        (torch.randn(9, r, generator=gen, dtype=dtype), torch.randn(r, 7, generator=gen, dtype=dtype))
+        for r in (3, 2, 3, 3, 3, 1)
+    ]
+    b3, a3 = pairs[3]
+    pairs[3] = (b3, torch.cat([a3[:2], a3[:1] + 1e-5 * a3[2:]]))  # ill-conditioned: condition number ~1e5
+    pairs[4] = (
+        pairs[4][0],
+        pairs[4][1]
+        .clone()
+        .index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"), dtype=dtype)),
+    )
+    pairs[5] = (pairs[5][0].clone().index_fill_(0, torch.tensor([0]), float("inf")), pairs[5][1])
+    blocks, ok = compact_pairs(pairs)
+    assert blocks.shape == (6, 9, 3) and ok.tolist() == [True, True, True, True, False, False]
+    assert stack(blocks).data_ptr() == blocks.data_ptr() and not stack(blocks).is_contiguous()
+    assert float(blocks[4:].abs().max()) == 0.0
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    for k in range(4):
+        b, a = pairs[k]
+        dense = b @ a  # (p, q)
+        torch.testing.assert_close(blocks[k] @ blocks[k].T, dense @ dense.T, **tol)
+        b_pad = torch.cat([b, b.new_zeros(9, 3 - b.shape[1])], dim=1)
+        a_pad = torch.cat([a, a.new_zeros(3 - a.shape[0], 7)])
+        ref = compact_factors(b_pad[None], a_pad[None])[0]
+        torch.testing.assert_close(blocks[k] @ blocks[k].T, ref @ ref.T, **tol)
 
 
 def test_refined_factors_keep_one_shared_correction() -> None:
