@@ -465,7 +465,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         end-of-round progress line), ``run_wall_s``, ``memory`` (:meth:`MemorySampler.summary`),
         ``bytes_per_client`` and ``checkpoint_bytes``.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from clair_ray.config import load_config
     from clair_ray.engine.runner import run_experiment

@@ -6,10 +6,11 @@ starts a head node on 127.0.0.1 with its own temp dir and free ports, and stops 
 the processes that name that temp dir, and their children (SIGKILL for any still alive after 5 s)::
 
     python jobs/head.py start --num-cpus 2          # prints the temp dir and the addresses
-    RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:PORT --working-dir . -- python ...
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:PORT --working-dir . -- python ...
     python jobs/head.py stop /tmp/crhXXXX           # the temp dir start printed
 
-Use the same ``RAY_AUTH_MODE`` for ``ray start`` (here), ``ray job submit`` and ``ray status``.
+Use ``RAY_AUTH_MODE=token`` (and this user's ``~/.ray/auth_token``) for ``ray start`` (here), ``ray job
+submit`` and ``ray status`` alike.
 """
 
 from __future__ import annotations

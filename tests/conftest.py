@@ -17,9 +17,12 @@ SMALL = REPO / "configs" / "linear_small.yaml"
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """A session-scoped local Ray with 2 CPUs (engine runs reuse it and leave it running)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+
+    from clair_ray.engine.session import use_token_auth
+
+    use_token_auth()  # the setting users get: Ray's token authentication, on by default
 
     # address="local": never join another `ray start` cluster on this machine (a leftover
     # /tmp/ray/ray_current_cluster otherwise makes num_cpus=2 raise).

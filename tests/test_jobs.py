@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from clair_ray.engine.session import use_token_auth
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +32,10 @@ BIN = Path(sys.executable).parent
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    # ray start enables token auth once ~/.ray/auth_token exists, ray job submit then fails: disable it
-    # for every command alike. The job's python is the one on the PATH that `ray start` had.
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}")
+    # Token authentication for every command alike (ray start, ray job submit), with this user's
+    # ~/.ray/auth_token (mode 0600). The job's python is the one on the PATH that `ray start` had.
+    use_token_auth()
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     return env
 

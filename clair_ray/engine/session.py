@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,15 @@ import ray
 
 from clair_ray.config import ExperimentConfig
 
-__all__ = ["EngineError", "RunInterrupted", "SimulatedCrash", "check_resources", "last_line", "ray_session"]
+__all__ = [
+    "EngineError",
+    "RunInterrupted",
+    "SimulatedCrash",
+    "check_resources",
+    "last_line",
+    "ray_session",
+    "use_token_auth",
+]
 
 
 class EngineError(RuntimeError):
@@ -66,7 +76,7 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
                 f"{_HOW_TO_START}"
             ) from exc
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        use_token_auth()
         # address="local": without it ray.init() joins whatever `ray start` cluster
         # /tmp/ray/ray_current_cluster names (even a stale one) and then rejects num_cpus.
         ray.init(
@@ -81,6 +91,35 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def use_token_auth() -> Path | None:
+    """Keeps Ray's token authentication (its default for a new local Ray) and its token private.
+
+    Ray 2.60's servers (GCS, raylet) listen on every interface whatever the node address, so the token is
+    what keeps other hosts (and other users) from running code in a local run: a client without it is
+    refused. Ray turns token mode on itself in ``ray.init`` when ``RAY_AUTH_MODE`` is unset (setting the
+    variable here would come too late: Ray reads it when imported); this creates the token file
+    (``~/.ray/auth_token``, which Ray would write world-readable) with mode 0600 first, or narrows an
+    existing one of this user's to 0600.
+
+    Returns:
+        The token file, or None when ``RAY_AUTH_MODE`` is set to something other than ``token``.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            path.chmod(0o600)
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
 
 
 _HOW_TO_START = (

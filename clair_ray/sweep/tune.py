@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +147,30 @@ def _n_trials(sc: SweepConfig) -> int:
     return n
 
 
+def check_own_pickles(exp_dir: Path) -> None:
+    """Refuses to restore a Tune experiment whose pickles this user did not write alone.
+
+    ``Tuner.restore`` unpickles ``tuner.pkl`` (and trial state), and unpickling runs code, so a pickle
+    another user owns or can write (or one inside a directory they can write) could run anything as
+    this user. Only the sweep's own files, in directories nobody else can change, are restored.
+
+    Raises:
+        SweepError: Naming the first file or directory that fails the check.
+    """
+    shared = stat.S_IWGRP | stat.S_IWOTH
+    uid = os.getuid()
+    for path in [exp_dir, *sorted(exp_dir.rglob("*.pkl"))]:
+        for p in (path, path.parent) if path != exp_dir else (path,):
+            st = p.stat()
+            if st.st_uid != uid or st.st_mode & shared:
+                who = "owned by another user" if st.st_uid != uid else "writable by other users"
+                raise SweepError(
+                    f"sweep.resume=true: {p} is {who}; restoring the sweep would unpickle it (running "
+                    "code as you). Resume only sweeps you ran, from storage only you can write, or start "
+                    "a new one (sweep.overwrite=true or another sweep.name)"
+                )
+
+
 def _check_cluster(sw: Sweep) -> None:
     import ray
 
@@ -213,6 +238,7 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
         _check_cluster(sw)
         callbacks = [_progress_callback(say, _n_trials(sc), exp_dir)]
         if sc.resume and tune.Tuner.can_restore(str(exp_dir)):
+            check_own_pickles(exp_dir)
             say(f"resuming {exp_dir}: finished trials are kept, the others run")
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, restart_errored=True)
             # restore() brings back the callbacks pickled by the first run (printing through that process's

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from clair_ray.engine.session import use_token_auth
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +27,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_run_attaches_to_a_running_cluster(tmp_path: Path) -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    use_token_auth()  # the head, the probes and the attached run share this user's token
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
     ray_bin = Path(sys.executable).with_name("ray")

@@ -136,6 +136,37 @@ def test_existing_experiment_needs_resume(tmp_path: Path) -> None:
         )
 
 
+class _Plant:
+    """A crafted pickle: unpickling it writes a marker file (stands in for os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_crafted_tuner_pickle_is_refused_without_being_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    sw = load_sweep(write_sweep(tmp_path, "crafted", "    seed: {grid: [0, 1]}"), ["sweep.resume=true"])
+    sw.experiment_dir.mkdir(parents=True)
+    marker = tmp_path / "planted"
+    pkl = sw.experiment_dir / "tuner.pkl"
+    pkl.write_bytes(pickle.dumps(_Plant(marker)))
+    pkl.chmod(0o666)  # another user could have written it
+    with pytest.raises(SweepError, match="writable by other users"):
+        run_sweep(sw)
+    pkl.chmod(0o644)
+    monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)  # as if another user owned the files
+    with pytest.raises(SweepError, match="owned by another user"):
+        run_sweep(sw)
+    assert not marker.exists()
+
+
 # ---- with Ray --------------------------------------------------------------------------------------------
 
 
