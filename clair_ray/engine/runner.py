@@ -1,12 +1,10 @@
 """The round loop: starts Ray and the actors, runs trials × rounds, survives failures, writes results.
 
-Per round, the driver hands fixed batches of virtual clients (batches are cut by client id, and batch b
-goes to actor b mod A) to the client actors, waits for their small metadata (with a timeout, always),
-re-submits the batches of an actor that died (Ray restarts it, ``engine.max_restarts``), records clients
-that raised as dropouts (traceback in the log), checks ``engine.min_clients``, then passes the update
-references to the aggregator actor and turns its per-client metrics into result rows, in client-id order.
-A checkpoint (data only: Parquet, JSON, npz) is written after every round.
-"""
+Per round, the driver hands fixed batches of virtual clients (cut by client id, batch b to actor b mod A)
+to the client actors, waits for their metadata (always with a timeout), re-submits the batches of an
+actor that died (Ray restarts it, ``engine.max_restarts``; one death counted per actor), records clients
+that raised as dropouts, checks ``engine.min_clients``, passes the update references to the aggregator
+and turns its metrics into result rows in client-id order; then a checkpoint (Parquet, JSON, npz)."""
 
 from __future__ import annotations
 
@@ -72,6 +70,7 @@ class Runner:
         self.timeout = cfg.engine.call_timeout_s
         self.out_dir = Path(cfg.output_dir)
         self.restarts = 0
+        self._down: set[int] = set()  # client actors whose death is counted and that have not answered since
         self.dropouts: list[tuple[int, int, int]] = []
         self.rows: list[dict[str, Any]] = []
         self.extras: dict[tuple[int, str, int], dict[str, float]] = {}
@@ -86,7 +85,6 @@ class Runner:
         self.columns = self.workload.columns
         self.plugin_dirs = plugin_paths(list(cfg.plugins))
 
-    # ---- actors ---------------------------------------------------------------------------------------
     def start_actors(self) -> None:
         e, cfg_dict = self.cfg.engine, to_dict(self.cfg)
         self.actors = [
@@ -112,6 +110,15 @@ class Runner:
             raise EngineError(f"client actors failed to start: {lines[-1] if lines else exc}") from exc
         self.pids = [i["pid"] for i in infos]
 
+    def _count_death(self, actor: int) -> bool:
+        """Counts client actor ``actor``'s death once (True if new): the other calls queued on it fail
+        with the same death, until a call on it succeeds again."""
+        if actor in self._down:
+            return False
+        self._down.add(actor)
+        self.restarts += 1
+        return True
+
     def stop_actors(self) -> None:
         for a in [*self.actors, self.agg]:
             if a is not None:
@@ -126,7 +133,6 @@ class Runner:
             .remote(trial, round_, b.group, b.jobs, box, self.timeout)
         )
 
-    # ---- one round ------------------------------------------------------------------------------------
     def train_round(
         self, trial: int, round_: int, groups: list[str], starts_ref: Any, clients: list[int]
     ) -> dict[str, list]:
@@ -151,6 +157,7 @@ class Runner:
             b = pending.pop(self._next_ready(pending, f"trial {trial} round {round_}: no client batch"))
             try:
                 metas[id(b)] = ray.get(b.meta_ref, timeout=self.timeout)
+                self._down.discard(b.actor)
             except RayActorError as exc:
                 # A restartable actor that was killed answers ActorUnavailableError until Ray has restarted
                 # it (seconds on a busy machine): that is one death, not one per re-submission, so only
@@ -169,7 +176,6 @@ class Runner:
                             f"{self.cfg.engine.max_restarts}) while training clients "
                             f"{b.jobs[0][0]}..{b.jobs[-1][0]}"
                         ) from exc
-                    self.restarts += 1
                     log.warning(
                         "client actor %d died in trial %d round %d (clients %d..%d): %s; re-submitting",
                         b.actor,
@@ -179,9 +185,8 @@ class Runner:
                         b.jobs[-1][0],
                         type(exc).__name__,
                     )
-                    self.progress(
-                        f"  client actor {b.actor} died; restarted, re-submitting {len(b.jobs)} clients"
-                    )
+                    if self._count_death(b.actor):
+                        self.progress(f"  client actor {b.actor} died; restarted, re-submitting its clients")
                 b.unavailable_since = (
                     (b.unavailable_since or time.perf_counter())
                     if isinstance(exc, ActorUnavailableError)
@@ -364,6 +369,7 @@ class Runner:
             i = refs.pop(ref)
             try:
                 out = ray.get(ref, timeout=self.timeout)
+                self._down.discard(i % A)
             except RayActorError as exc:
                 # As in training: a restarting actor answers ActorUnavailableError until it is back; that
                 # is the same death, counted once and waited for within call_timeout_s.
@@ -377,7 +383,7 @@ class Runner:
                     tries[i] += 1
                     if tries[i] > self.cfg.engine.max_restarts:
                         raise EngineError(f"evaluation of clients {batches[i]} failed: {exc}") from exc
-                    self.restarts += 1
+                    self._count_death(i % A)
                     log.warning(
                         "client actor %d died evaluating trial %d round %d; re-submitting",
                         i % A,
@@ -437,7 +443,6 @@ class Runner:
     def _rounds(self) -> int:
         return self.cfg.workload.n_rounds
 
-    # ---- whole run ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         unlisted = unlisted_registrations(self.cfg)
         if unlisted:  # the actors (other processes) import only the package and the plugins
