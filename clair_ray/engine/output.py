@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import json
 import math
@@ -9,7 +11,7 @@ import os
 import platform
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pandas as pd
 
 from clair_ray import results
 from clair_ray.engine.session import EngineError
+from clair_ray.errors import ConfigError
 from clair_ray.workloads.base import Column
 
 __all__ = [
@@ -206,3 +209,26 @@ class DirLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+#: What a results directory that cannot be written answers: read-only, not allowed, full, over quota.
+_DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def disk_errors(out_dir: Path, before_start: bool) -> Iterator[None]:
+    """Turns a results directory that cannot be written into one line naming it and the cause.
+
+    Args:
+        out_dir: The run directory.
+        before_start: True while taking the directory (a bad ``output_dir``: ConfigError, exit 2); False
+            during the run (a disk that filled up: EngineError).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        what = f"output_dir={str(out_dir)!r}" if before_start else f"writing {exc.filename or out_dir}"
+        msg = f"{what}: {exc.strerror}; choose a writable output_dir with free space"
+        raise (ConfigError if before_start else EngineError)(msg) from None

@@ -451,9 +451,11 @@ class Runner:
                 + "\n  ".join(unlisted)
             )
         lock = output.DirLock(self.out_dir)
-        lock.acquire()  # before anything is read or written there
+        with output.disk_errors(self.out_dir, before_start=True):
+            lock.acquire()  # before anything is read or written there
         try:
-            return self._run()
+            with output.disk_errors(self.out_dir, before_start=False):
+                return self._run()
         finally:
             lock.release()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -15,7 +16,8 @@ import pytest
 
 from clair_ray.config import load_config
 from clair_ray.engine import EngineError, checkpoint, run_experiment
-from clair_ray.engine.output import LOCK_NAME, DirLock, prepare_dir
+from clair_ray.engine.output import LOCK_NAME, DirLock, disk_errors, prepare_dir
+from clair_ray.errors import ConfigError
 
 SMALL = Path(__file__).resolve().parents[2] / "configs" / "linear_small.yaml"
 
@@ -157,3 +159,31 @@ def test_failed_checkpoint_write_leaves_no_temporary(tmp_path: Path, monkeypatch
     assert checkpoint.load(tmp_path).round == 0
     (d / ".state.json.tmp").write_bytes(b"half")  # left by a killed writer: removed on load
     assert checkpoint.load(tmp_path).round == 0 and not (d / ".state.json.tmp").exists()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_an_unwritable_output_dir_is_one_line(tmp_path: Path, code: int) -> None:
+    """Read-only, not allowed or full: one line naming the directory and the cause; a bad output_dir
+    before the run is bad input (ConfigError), a disk that fills up during it an EngineError; any other
+    OSError goes through unchanged."""
+    err = OSError(code, os.strerror(code), str(tmp_path / "clients.parquet"))
+    with pytest.raises(ConfigError, match=f"output_dir=.*{os.strerror(code)}"):
+        with disk_errors(tmp_path, before_start=True):
+            raise err
+    with pytest.raises(EngineError, match=f"writing .*clients.parquet: {os.strerror(code)}"):
+        with disk_errors(tmp_path, before_start=False):
+            raise err
+    with pytest.raises(FileNotFoundError):
+        with disk_errors(tmp_path, before_start=True):
+            raise FileNotFoundError(errno.ENOENT, "gone", "x")
+
+
+def test_cli_refuses_an_output_dir_it_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_ray import cli
+
+    def refuse(self: DirLock) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.path))
+
+    monkeypatch.setattr(DirLock, "acquire", refuse)
+    small = Path(__file__).resolve().parents[2] / "configs" / "linear_small.yaml"
+    assert cli.main(["run", str(small), f"output_dir={tmp_path / 'out'}"]) == 2
