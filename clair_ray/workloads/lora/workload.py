@@ -167,8 +167,10 @@ class LoRAWorkload(Workload):
     @property
     def selects(self) -> bool:
         """Whether clients also train without their held-back rows, for ``refine: heldout`` to choose on
-        (``workload.lora.holdout`` > 0 with ``refit``); the aggregated update then uses every row."""
-        return self.lw.holdout > 0 and self.lw.refit and self.cfg.aggregation.refine == HELDOUT
+        (``workload.lora.holdout`` > 0 with ``refit``, and clair or oracle among the methods: the two that
+        refine); the aggregated update then uses every row."""
+        refines = any(m in ("clair", "oracle") for m in self.cfg.aggregation.methods)
+        return refines and self.lw.holdout > 0 and self.lw.refit and self.cfg.aggregation.refine == HELDOUT
 
     def sizes(self, trial: int) -> np.ndarray:
         """(K,) rows each client's aggregated update trains on (cached): its local rows, less the held-back

@@ -52,6 +52,15 @@ def test_config_refuses_heldout_where_it_cannot_run(tmp_path: Path) -> None:
         clair(torch.randn(6, 5, 4), rank=1, refine="heldout")
 
 
+def test_clients_train_once_when_no_method_refines(tmp_path: Path, copy_cache: Path) -> None:
+    """refine=heldout with neither clair nor the oracle among the methods: nothing chooses a refinement,
+    so clients train once, on every row."""
+    over = ["aggregation.refine=heldout", "workload.lora.holdout=0.25"]
+    both = get_workload(_cfg(tmp_path, copy_cache, *over, "aggregation.methods=[clair,fedavg]"))
+    neither = get_workload(_cfg(tmp_path, copy_cache, *over, "aggregation.methods=[fedavg,local]"))
+    assert both.selects and not neither.selects
+
+
 @pytest.mark.parametrize("refit", [True, False])
 def test_heldout_refinement_round(tmp_path: Path, copy_cache: Path, refit: bool) -> None:
     """Rows are split, never shared between training and the held-back set; CLAIR and the oracle choose a
