@@ -44,12 +44,18 @@ def free_ports(n: int) -> list[int]:
 
 
 def start(num_cpus: float, object_store_bytes: int, env: dict[str, str] | None = None) -> dict[str, str]:
-    """Starts a head node on 127.0.0.1 with its own temp dir and ports.
+    """Starts a head node on 127.0.0.1 with its own temp dir and ports, token authentication on unless
+    ``env`` sets ``RAY_AUTH_MODE`` otherwise.
 
     Returns:
         ``temp_dir``, ``address`` (the GCS, for ``ray.init``) and ``dashboard`` (for ``ray job submit``),
         also written to ``<temp_dir>/clair_head.json``.
     """
+    env = dict(os.environ if env is None else env)
+    if env.setdefault("RAY_AUTH_MODE", "token") == "token":  # token auth unless the caller chose otherwise
+        from clair_ray.engine.session import use_token_auth
+
+        use_token_auth()  # ~/.ray/auth_token (0600), which `ray start` and `ray job submit` read
     temp_dir = tempfile.mkdtemp(prefix="crh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, renv = free_ports(9)
     cmd = [

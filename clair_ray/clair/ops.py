@@ -173,7 +173,9 @@ def compact_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
             _, r_mat = torch.linalg.qr(a.T.double())  # (min(q, r_k), r_k): A_k^T = Q R, C_k = B_k R^T
             out[i] = 0.0
             out[i, : r_mat.shape[0]] = (r_mat @ b.T.double()).to(dtype)
-            ok[i] = True
+            ok[i] = bool(torch.isfinite(out[i]).all())  # a finite pair whose block overflows the dtype: not
+            if not ok[i]:
+                out[i] = 0.0
         else:
             out[i], ok[i] = 0.0, False
     return out.transpose(1, 2), ok

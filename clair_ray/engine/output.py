@@ -217,7 +217,8 @@ _DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQU
 
 @contextlib.contextmanager
 def disk_errors(out_dir: Path, before_start: bool) -> Iterator[None]:
-    """Turns a results directory that cannot be written into one line naming it and the cause.
+    """Turns a results directory that cannot be written into one line naming it and the cause; an
+    OSError about any other path (a data file, Ray's files) passes through unchanged.
 
     Args:
         out_dir: The run directory.
@@ -227,8 +228,15 @@ def disk_errors(out_dir: Path, before_start: bool) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _DISK_ERRNOS:
-            raise
-        what = f"output_dir={str(out_dir)!r}" if before_start else f"writing {exc.filename or out_dir}"
+        where = Path(exc.filename).resolve() if isinstance(exc.filename, str) else None
+        out = Path(out_dir).resolve()
+        # in the directory, or (taking it) the directory or a parent it could not be created in
+        if where is None:
+            ours = before_start
+        else:
+            ours = where.is_relative_to(out) or (before_start and out.is_relative_to(where))
+        if exc.errno not in _DISK_ERRNOS or not ours:
+            raise  # not the results directory's (a data file, Ray's own files): as it is
+        what = f"output_dir={str(out_dir)!r}" if before_start else f"writing {where}"
         msg = f"{what}: {exc.strerror}; choose a writable output_dir with free space"
-        raise (ConfigError if before_start else EngineError)(msg) from None
+        raise (ConfigError if before_start else EngineError)(msg) from exc

@@ -57,6 +57,7 @@ class _Batch:
     jobs: list[tuple[int, int]]
     attempts: int = 0
     unavailable_since: float | None = None  # when the actor was first seen restarting for this batch
+    epoch: int = 0  # the actor's counted deaths when this batch was submitted
     meta_ref: Any = None
     upd_ref: Any = None
 
@@ -70,7 +71,7 @@ class Runner:
         self.timeout = cfg.engine.call_timeout_s
         self.out_dir = Path(cfg.output_dir)
         self.restarts = 0
-        self._down: set[int] = set()  # client actors whose death is counted and that have not answered since
+        self._deaths: dict[int, int] = {}  # client actor -> deaths counted so far
         self.dropouts: list[tuple[int, int, int]] = []
         self.rows: list[dict[str, Any]] = []
         self.extras: dict[tuple[int, str, int], dict[str, float]] = {}
@@ -110,12 +111,13 @@ class Runner:
             raise EngineError(f"client actors failed to start: {lines[-1] if lines else exc}") from exc
         self.pids = [i["pid"] for i in infos]
 
-    def _count_death(self, actor: int) -> bool:
-        """Counts client actor ``actor``'s death once (True if new): the other calls queued on it fail
-        with the same death, until a call on it succeeds again."""
-        if actor in self._down:
+    def _count_death(self, actor: int, epoch: int) -> bool:
+        """Counts a death of client actor ``actor`` seen by a call submitted at ``epoch`` (its count of
+        deaths then); True if new. Calls queued before a death that is counted already fail with that
+        same death; a call submitted after it that fails saw a new one."""
+        if epoch < self._deaths.get(actor, 0):
             return False
-        self._down.add(actor)
+        self._deaths[actor] = epoch + 1
         self.restarts += 1
         return True
 
@@ -127,6 +129,7 @@ class Runner:
 
     def _submit(self, b: _Batch, trial: int, round_: int, starts_ref: Any) -> None:
         box = [] if starts_ref is None else [starts_ref]
+        b.epoch = self._deaths.get(b.actor, 0)
         b.meta_ref, b.upd_ref = (
             self.actors[b.actor]
             .train_from.options(num_returns=2)
@@ -157,7 +160,6 @@ class Runner:
             b = pending.pop(self._next_ready(pending, f"trial {trial} round {round_}: no client batch"))
             try:
                 metas[id(b)] = ray.get(b.meta_ref, timeout=self.timeout)
-                self._down.discard(b.actor)
             except RayActorError as exc:
                 # A restartable actor that was killed answers ActorUnavailableError until Ray has restarted
                 # it (seconds on a busy machine): that is one death, not one per re-submission, so only
@@ -178,14 +180,9 @@ class Runner:
                         ) from exc
                     log.warning(
                         "client actor %d died in trial %d round %d (clients %d..%d): %s; re-submitting",
-                        b.actor,
-                        trial,
-                        round_,
-                        b.jobs[0][0],
-                        b.jobs[-1][0],
-                        type(exc).__name__,
+                        *(b.actor, trial, round_, b.jobs[0][0], b.jobs[-1][0], type(exc).__name__),
                     )
-                    if self._count_death(b.actor):
+                    if self._count_death(b.actor, b.epoch):
                         self.progress(f"  client actor {b.actor} died; restarted, re-submitting its clients")
                 b.unavailable_since = (
                     (b.unavailable_since or time.perf_counter())
@@ -360,6 +357,7 @@ class Runner:
         batches = [clients[i : i + bs] for i in range(0, len(clients), bs)]
         tries = dict.fromkeys(range(len(batches)), 0)
         since: dict[int, float] = {}  # batch -> when its actor was first seen restarting
+        epochs = {i: self._deaths.get(i % A, 0) for i in range(len(batches))}  # as _Batch.epoch
         refs = {
             self.actors[i % A].evaluate_from.remote(trial, [plan_ref], b, self.timeout): i
             for i, b in enumerate(batches)
@@ -369,7 +367,6 @@ class Runner:
             i = refs.pop(ref)
             try:
                 out = ray.get(ref, timeout=self.timeout)
-                self._down.discard(i % A)
             except RayActorError as exc:
                 # As in training: a restarting actor answers ActorUnavailableError until it is back; that
                 # is the same death, counted once and waited for within call_timeout_s.
@@ -383,7 +380,7 @@ class Runner:
                     tries[i] += 1
                     if tries[i] > self.cfg.engine.max_restarts:
                         raise EngineError(f"evaluation of clients {batches[i]} failed: {exc}") from exc
-                    self._count_death(i % A)
+                    self._count_death(i % A, epochs[i])
                     log.warning(
                         "client actor %d died evaluating trial %d round %d; re-submitting",
                         i % A,
@@ -395,6 +392,7 @@ class Runner:
                 else:
                     since.pop(i, None)
                 time.sleep(0.5)  # the actor is restarting
+                epochs[i] = self._deaths.get(i % A, 0)
                 refs[self.actors[i % A].evaluate_from.remote(trial, [plan_ref], batches[i], self.timeout)] = i
                 continue
             except RayTaskError as exc:

@@ -108,14 +108,20 @@ def use_token_auth() -> Path | None:
     """
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         return None
-    path = Path.home() / ".ray" / "auth_token"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         st = path.stat()
         if st.st_uid == os.getuid() and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             path.chmod(0o600)
+    except OSError as exc:
+        raise EngineError(
+            f"cannot create Ray's token file {path} ({exc.strerror}): make it writable, point "
+            "RAY_AUTH_TOKEN_PATH at a private file, or set RAY_AUTH_MODE=disabled on a machine nobody "
+            "else reaches"
+        ) from exc
     else:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))

@@ -148,27 +148,27 @@ def _n_trials(sc: SweepConfig) -> int:
 
 
 def check_own_pickles(exp_dir: Path) -> None:
-    """Refuses to restore a Tune experiment whose pickles this user did not write alone.
+    """Refuses to restore a Tune experiment that another user could have written.
 
-    ``Tuner.restore`` unpickles ``tuner.pkl`` (and trial state), and unpickling runs code, so a pickle
-    another user owns or can write (or one inside a directory they can write) could run anything as
-    this user. Only the sweep's own files, in directories nobody else can change, are restored.
+    ``Tuner.restore`` unpickles ``tuner.pkl`` and cloudpickled blobs inside the experiment state, and
+    unpickling runs code, so a file there that another user owns or can write could run anything as
+    this user. Every file and directory under ``exp_dir`` must be this user's and writable by nobody
+    else (group-writable only by the user's own primary group, as under a user-private-group umask).
 
     Raises:
-        SweepError: Naming the first file or directory that fails the check.
+        SweepError: Naming the first path that fails the check.
     """
-    shared = stat.S_IWGRP | stat.S_IWOTH
-    uid = os.getuid()
-    for path in [exp_dir, *sorted(exp_dir.rglob("*.pkl"))]:
-        for p in (path, path.parent) if path != exp_dir else (path,):
-            st = p.stat()
-            if st.st_uid != uid or st.st_mode & shared:
-                who = "owned by another user" if st.st_uid != uid else "writable by other users"
-                raise SweepError(
-                    f"sweep.resume=true: {p} is {who}; restoring the sweep would unpickle it (running "
-                    "code as you). Resume only sweeps you ran, from storage only you can write, or start "
-                    "a new one (sweep.overwrite=true or another sweep.name)"
-                )
+    uid, gid = os.getuid(), os.getgid()
+    for p in [exp_dir, *sorted(exp_dir.rglob("*"))]:
+        st = p.lstat()
+        shared = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != gid)
+        if st.st_uid != uid or shared:
+            who = "owned by another user" if st.st_uid != uid else "writable by other users"
+            raise SweepError(
+                f"sweep.resume=true: {p} is {who}; restoring the sweep would unpickle its state (running "
+                "code as you). Resume only sweeps you ran, from storage only you can write, or start a "
+                "new one (sweep.overwrite=true or another sweep.name)"
+            )
 
 
 def _check_cluster(sw: Sweep) -> None:

@@ -74,6 +74,15 @@ def test_compact_pairs_equal_the_stacked_compact_form(dtype: torch.dtype) -> Non
         torch.testing.assert_close(blocks[k] @ blocks[k].T, ref @ ref.T, **tol)
 
 
+def test_compact_pairs_flags_a_finite_pair_whose_block_overflows() -> None:
+    """B_k A_k finite in float32 entries but ||B_k A_k|| beyond float32's range: not finite, zero block."""
+    gen = torch.Generator().manual_seed(2)
+    pairs = [(torch.randn(9, 3, generator=gen), torch.randn(3, 7, generator=gen)) for _ in range(3)]
+    pairs.append((torch.full((9, 3), 1e30), torch.full((3, 7), 1e10)))
+    blocks, ok = compact_pairs(pairs)
+    assert ok.tolist() == [True, True, True, False] and bool(torch.isfinite(blocks).all())
+
+
 def test_refined_factors_keep_one_shared_correction() -> None:
     inst = make_instance(20, 16, 10, 2, fraction=0.2, sigma=1e-3, seed=6)
     pairs = lora_factors(inst, 4)

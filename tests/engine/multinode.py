@@ -76,8 +76,9 @@ def main(out: Path, mode: str, overrides: list[str]) -> None:
         deadline = time.time() + 180
         while time.time() < deadline and not done.is_set():
             for m in sorted(markers.glob("t*-c*")):
-                if m.name not in seen:
-                    seen[m.name] = node_of(int(m.read_text()), raylets)
+                pid = m.read_text().strip()
+                if m.name not in seen and pid:  # (a marker being written is read again next time)
+                    seen[m.name] = node_of(int(pid), raylets)
                     if mode == "remove_node" and not removed and seen[m.name] is not None:
                         name = seen[m.name]
                         cluster.remove_node(nodes[name])

@@ -6,6 +6,7 @@ does a 75 MiB object store on every node that must spill the updates to disk."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ class _Tables:
 
 def _multinode(out: Path, mode: str, overrides: list[str] = OVERRIDES) -> dict:
     cmd = [sys.executable, str(HERE / "multinode.py"), str(out), mode, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the cluster's nodes and driver: token auth, as users get
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads((out / "cluster.json").read_text())
 

@@ -176,6 +176,15 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path: Path, code: int) -> None
     with pytest.raises(FileNotFoundError):
         with disk_errors(tmp_path, before_start=True):
             raise FileNotFoundError(errno.ENOENT, "gone", "x")
+    elsewhere = OSError(code, os.strerror(code), "/some/data/file.jsonl")  # not the results directory's
+    with pytest.raises(OSError) as caught:
+        with disk_errors(tmp_path, before_start=False):
+            raise elsewhere
+    assert caught.value is elsewhere
+    parent = OSError(code, os.strerror(code), str(tmp_path))  # creating out/ inside a read-only parent
+    with pytest.raises(ConfigError, match="output_dir="):
+        with disk_errors(tmp_path / "out", before_start=True):
+            raise parent
 
 
 def test_cli_refuses_an_output_dir_it_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

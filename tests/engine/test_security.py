@@ -24,7 +24,7 @@ try:
     def plant(path):
         pathlib.Path(path).write_text("ran")
 
-    ray.get(plant.remote(sys.argv[2]), timeout=30)
+    ray.get(plant.remote(sys.argv[2]), timeout=60)
     print("RAN")
 except Exception as exc:  # refused: the expected outcome
     print("REFUSED", type(exc).__name__)
@@ -45,7 +45,12 @@ def test_a_client_without_the_token_cannot_run_code(tmp_path: Path) -> None:
     cmd = [sys.executable, "-c", FOREIGN, gcs, str(marker)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert "REFUSED" in out.stdout, out.stdout + out.stderr
+    assert "Authentication token is missing" in out.stderr, out.stderr[-2000:]
     assert not marker.exists()
+    # Control: the same client with this user's token runs its task (so the refusal above was the token's).
+    env.update(HOME=str(Path.home()), RAY_AUTH_MODE="token")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert "RAN" in out.stdout and marker.read_text() == "ran", out.stdout + out.stderr
 
 
 def test_token_file_is_created_private_and_narrowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

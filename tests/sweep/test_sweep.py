@@ -154,13 +154,20 @@ def test_a_crafted_tuner_pickle_is_refused_without_being_loaded(
 
     sw = load_sweep(write_sweep(tmp_path, "crafted", "    seed: {grid: [0, 1]}"), ["sweep.resume=true"])
     sw.experiment_dir.mkdir(parents=True)
+    sw.experiment_dir.chmod(0o700)
     marker = tmp_path / "planted"
     pkl = sw.experiment_dir / "tuner.pkl"
     pkl.write_bytes(pickle.dumps(_Plant(marker)))
     pkl.chmod(0o666)  # another user could have written it
-    with pytest.raises(SweepError, match="writable by other users"):
+    with pytest.raises(SweepError, match="tuner.pkl is writable by other users"):
         run_sweep(sw)
     pkl.chmod(0o644)
+    state = sw.experiment_dir / "experiment_state-x.json"  # Tune cloudpickles blobs inside it too
+    state.write_text("{}")
+    state.chmod(0o646)
+    with pytest.raises(SweepError, match="experiment_state-x.json is writable by other users"):
+        run_sweep(sw)
+    state.chmod(0o644)
     monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)  # as if another user owned the files
     with pytest.raises(SweepError, match="owned by another user"):
         run_sweep(sw)

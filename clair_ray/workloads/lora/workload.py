@@ -165,19 +165,22 @@ class LoRAWorkload(Workload):
         return self._spec
 
     @property
+    def every_row(self) -> bool:
+        """Whether the aggregated update trains on every row (``refine: heldout`` with ``refit``)."""
+        return self.lw.holdout > 0 and self.lw.refit and self.cfg.aggregation.refine == HELDOUT
+
+    @property
     def selects(self) -> bool:
-        """Whether clients also train without their held-back rows, for ``refine: heldout`` to choose on
-        (``workload.lora.holdout`` > 0 with ``refit``, and clair or oracle among the methods: the two that
-        refine); the aggregated update then uses every row."""
-        refines = any(m in ("clair", "oracle") for m in self.cfg.aggregation.methods)
-        return refines and self.lw.holdout > 0 and self.lw.refit and self.cfg.aggregation.refine == HELDOUT
+        """Whether clients also train without their held-back rows, for ``refine: heldout`` to choose on:
+        :attr:`every_row`, and clair or the oracle (the methods that refine) among the methods."""
+        return self.every_row and any(m in ("clair", "oracle") for m in self.cfg.aggregation.methods)
 
     def sizes(self, trial: int) -> np.ndarray:
         """(K,) rows each client's aggregated update trains on (cached): its local rows, less the held-back
-        ones unless it trains on all of them (:attr:`selects`)."""
+        ones unless it trains on all of them (:attr:`every_row`)."""
         if trial not in self._sizes:
             n = np.asarray(self.client_sizes(trial), dtype=np.int64)
-            held = [0 if self.selects else held_back(int(x), self.lw.holdout) for x in n]
+            held = [0 if self.every_row else held_back(int(x), self.lw.holdout) for x in n]
             self._sizes[trial] = n - np.array(held, dtype=np.int64)
         return self._sizes[trial]
 
@@ -320,7 +323,7 @@ class LoRAWorkload(Workload):
         if start is not None:
             lora.load_factors(model, start)
         seed = seeds.derive_seed(self.cfg.seed, seeds.TRAIN, trial, round_, k)
-        data = self.local_rows(trial, k, self.selects)
+        data = self.local_rows(trial, k, self.every_row)
         losses = lora.train_peft(
             model, data, batch_order(len(data["input_ids"]), self.lw.batch, self.lw.steps, seed), self.lw.lr
         )
@@ -356,7 +359,7 @@ class LoRAWorkload(Workload):
         select: list[Factors] | None = None
         if jobs:
             try:
-                f, e, losses = self._train_group(trial, jobs, start, self.selects)
+                f, e, losses = self._train_group(trial, jobs, start, self.every_row)
                 if self.selects:  # the same clients without their held-back rows: refine=heldout's judge
                     select = self._train_group(trial, jobs, start)[0]
                 for i in range(len(jobs)):

@@ -57,8 +57,16 @@ def test_clients_train_once_when_no_method_refines(tmp_path: Path, copy_cache: P
     so clients train once, on every row."""
     over = ["aggregation.refine=heldout", "workload.lora.holdout=0.25"]
     both = get_workload(_cfg(tmp_path, copy_cache, *over, "aggregation.methods=[clair,fedavg]"))
-    neither = get_workload(_cfg(tmp_path, copy_cache, *over, "aggregation.methods=[fedavg,local]"))
+    neither = get_workload(_cfg(tmp_path / "n", copy_cache, *over, "aggregation.methods=[fedavg,local]"))
     assert both.selects and not neither.selects
+    # the rows every method's update trains on do not depend on which methods run
+    n = neither.cfg.workload.n_sequences
+    assert (both.sizes(0) == n).all() and (neither.sizes(0) == n).all()
+    neither.prepare()
+    K = neither.cfg.workload.num_clients
+    out = neither.train_batch(0, 0, [ClientJob(k, 100 + k) for k in range(K)], None)
+    assert out.payload["select"] is None
+    assert [i["n_samples"] for i in out.info] == [n] * K
 
 
 @pytest.mark.parametrize("refit", [True, False])

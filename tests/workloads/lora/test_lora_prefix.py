@@ -154,9 +154,12 @@ def test_labelled_tail_equals_the_full_last_layer(llama: torch.nn.Module, kw: di
     labels[..., :4] = -100
     assert LabelledTail.first_scored(labels.flatten(0, 1)) == 3
     results = []
+    seen: dict[bool, list[int]] = {False: [], True: []}  # positions the last feed-forward block gets
     for cut in (False, True):
         gm = grouped(llama, **kw)
         gm.tail.supported = cut
+        mlp = gm.model.base_model.layers[-1].mlp
+        mlp.register_forward_pre_hook(lambda m, a, out=seen[cut]: out.append(a[0].shape[1]))
         hidden = None
         if gm.prefix is not None:
             hidden = gm.prefix_hidden(ids.flatten(0, 1), mask.flatten(0, 1)).view(*ids.shape, -1)
@@ -166,6 +169,7 @@ def test_labelled_tail_equals_the_full_last_layer(llama: torch.nn.Module, kw: di
         ev = grouped_evaluate(gm, data, rows=2, hidden=None if hidden is None else list(hidden))
         results.append((loss.detach(), [p.grad.clone() for p in gm.parameters()], ev))
     (loss0, grads0, ev0), (loss1, grads1, ev1) = results
+    assert seen[False] and seen[True] == [w - 3 for w in seen[False]], seen  # every call cut at position 3
     torch.testing.assert_close(loss1, loss0, rtol=1e-9, atol=0)
     for a, b in zip(grads1, grads0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9 * float(b.abs().max()))
