@@ -52,16 +52,7 @@ __all__ = [
 ]
 
 #: The built-in methods a config runs when it names none (any registered method may be named).
-DEFAULT_METHODS = (
-    "clair",
-    "fedavg",
-    "local",
-    "oracle",
-    "median",
-    "trimmed_mean",
-    "multi_krum",
-    "geometric_median",
-)
+DEFAULT_METHODS = tuple("clair fedavg local oracle median trimmed_mean multi_krum geometric_median".split())
 NOISE_SCALES = ("reported", "inv_sqrt_n", "none")
 
 

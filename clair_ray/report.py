@@ -1,20 +1,17 @@
 """``clair-ray report RESULTS_DIR``: a Markdown summary and PNG plots of a run or a gathered sweep.
 
 RESULTS_DIR is a run directory (``clair-ray run``'s ``output_dir``) or a sweep's gathered
-``<name>-results`` directory (:func:`read_sweep` reads it, partitioned or compacted by
-:func:`compact_results`). The report uses each run's final round. Seeds are replicates: the engine's
-``trial`` column, and ``seed`` when it is swept. Every other swept key is a condition. Plots:
-
-- ``detection_f1.png``: CLAIR's detection F1 vs ``contamination.fraction``, one line per attack kind (F1 over
-  the honest clients plus that attack's clients; kinds with nothing detectable are left out and listed);
-- ``honest_error.png``: honest clients' mean error vs ``contamination.fraction``, one line per method;
-- ``subspace_error.png``: subspace error vs ``workload.noise_std`` for the methods that estimate one;
-- ``gain_heatmap.png``: FedAvg's honest error divided by CLAIR's, over contamination × heterogeneity.
-
-Error bars are ±1 standard deviation over seeds. When a condition besides the x axis varies, the first
-such key splits the plot into panels and any others are averaged (the report says which). A plot whose x
-key did not vary is skipped, with a line in ``report.md`` saying why. ``report.md`` holds no timings and no
-random trial ids, so the same results always give the same text (the README's tables are this output).
+``<name>-results`` directory (:func:`read_sweep`; partitioned or compacted by :func:`compact_results`).
+The report uses each run's final round. Seeds are replicates (``trial``, and ``seed`` when swept); every
+other swept key is a condition. Plots: ``detection_f1.png`` (CLAIR's detection F1 vs
+``contamination.fraction``, a line per attack kind: F1 over the honest clients plus that kind's; kinds
+with nothing detectable are listed, not drawn), ``honest_error.png`` (honest clients' mean error vs
+``contamination.fraction``, a line per method), ``subspace_error.png`` (vs ``workload.noise_std``, the
+methods that estimate one) and ``gain_heatmap.png`` (FedAvg's honest error / CLAIR's, contamination ×
+heterogeneity). Error bars are ±1 standard deviation over seeds. When a condition besides the x axis
+varies, the first such key splits the plot into panels and any others are averaged (the report says
+which); a plot whose x key did not vary is skipped, with a line in ``report.md`` saying why. ``report.md``
+holds no timings and no random trial ids: the same results give the same text (the README's tables).
 """
 
 from __future__ import annotations
@@ -169,21 +166,11 @@ def attack_f1(res: Results, method: str = "clair") -> pd.DataFrame:
         first = g.iloc[0]
         for attack, a in g[g["contaminated"]].groupby("attack", sort=True):
             sub = pd.concat([honest, a])
-            _, _, f1 = results.detection_scores(
-                sub["flagged"].to_numpy(bool),
-                sub["detectable"].to_numpy(bool),
-                sub["contaminated"].to_numpy(bool),
-            )
-            rows.append(
-                {
-                    results.PARTITION: run,
-                    "trial": trial,
-                    "attack": attack,
-                    "n_detectable": int(a["detectable"].sum()),
-                    "f1": f1,
-                    **{k: first[k] for k in res.params},
-                }
-            )
+            flags = [sub[k].to_numpy(bool) for k in ("flagged", "detectable", "contaminated")]
+            _, _, f1 = results.detection_scores(*flags)
+            n_det = int(a["detectable"].sum())
+            row = {results.PARTITION: run, "trial": trial, "attack": attack, "n_detectable": n_det, "f1": f1}
+            rows.append({**row, **{k: first[k] for k in res.params}})
     return pd.DataFrame(rows)
 
 
