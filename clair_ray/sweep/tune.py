@@ -147,7 +147,7 @@ def _n_trials(sc: SweepConfig) -> int:
     return n
 
 
-def check_own_pickles(exp_dir: Path) -> None:
+def check_experiment_owner(exp_dir: Path) -> None:
     """Refuses to restore a Tune experiment that another user could have written.
 
     ``Tuner.restore`` unpickles ``tuner.pkl`` and cloudpickled blobs inside the experiment state, and
@@ -238,7 +238,7 @@ def run_sweep(sw: Sweep, progress: Callable[[str], None] | None = None) -> Path:
         _check_cluster(sw)
         callbacks = [_progress_callback(say, _n_trials(sc), exp_dir)]
         if sc.resume and tune.Tuner.can_restore(str(exp_dir)):
-            check_own_pickles(exp_dir)
+            check_experiment_owner(exp_dir)
             say(f"resuming {exp_dir}: finished trials are kept, the others run")
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, restart_errored=True)
             # restore() brings back the callbacks pickled by the first run (printing through that process's

@@ -44,6 +44,7 @@ from clair_ray.clair.refine import MEAN_CLIP, mean_weights, refinement_bases
 
 __all__ = [
     "OWN_METHODS",
+    "REFINING",
     "lora_methods",
     "ModuleUpdates",
     "as_pair",
@@ -55,6 +56,8 @@ __all__ = [
 
 #: Methods this module implements itself, beyond the registered aggregators it runs per module.
 OWN_METHODS = ("fedavg_exact", "fedavg_honest", "local_early")
+#: The methods that refine each honest client's adapter (CLAIR's rule; the oracle on the true honest set).
+REFINING = ("clair", "oracle")
 #: ``workload.lora.clair_input="auto"`` gives CLAIR dense products up to this many entries per module.
 AUTO_DENSE_MAX_ENTRIES = 65_536
 Pair = tuple[np.ndarray, np.ndarray]
@@ -71,7 +74,7 @@ Validate = Callable[[list[int], int, Callable[[int], tuple[dict[str, np.ndarray]
 def lora_methods() -> tuple[str, ...]:
     """Methods a LoRA workload runs: CLAIR, the oracle, local, every registered global aggregator (per
     module, on the dense updates, as one shared correction) and :data:`OWN_METHODS`."""
-    special = ("clair", "oracle", "local")
+    special = (*REFINING, "local")
     return (
         *special,
         *(n for n, c in AGGREGATORS.items() if n not in special and not c.personalized),

@@ -285,7 +285,7 @@ class LabelledTail:
         layers = getattr(body, "h", None) or getattr(body, "layers", None)
         mlp = getattr(layers[-1], "mlp", None) if isinstance(layers, nn.ModuleList) and len(layers) else None
         self.supported = isinstance(mlp, nn.Module)
-        if isinstance(mlp, nn.Module):
+        if self.supported:
             mlp.register_forward_pre_hook(self._cut)
             mlp.register_forward_hook(self._pad)
 

@@ -35,7 +35,14 @@ from clair_ray.workloads.base import (
     refine_scalars,
 )
 from clair_ray.workloads.lora import trajectory
-from clair_ray.workloads.lora.methods import Factors, ModuleUpdates, Validate, run_method, zero_adapter
+from clair_ray.workloads.lora.methods import (
+    REFINING,
+    Factors,
+    ModuleUpdates,
+    Validate,
+    run_method,
+    zero_adapter,
+)
 
 if TYPE_CHECKING:
     from clair_ray.workloads.lora.workload import LoRAWorkload
@@ -238,7 +245,7 @@ def _next_state(
     history = {} if state is None else state.get("history", {})
     quarantine = cfg.aggregation.quarantine if method == "clair" else None
     exclude = frozenset(_quarantined(quarantine, history, active))
-    personalized = wl.lw.rounds_mode == "personalized" and method in ("clair", "oracle")
+    personalized = wl.lw.rounds_mode == "personalized" and method in REFINING
     means: dict[str, np.ndarray] = {}
     corr, adapters, fl, why = run_method(
         method,
@@ -358,7 +365,7 @@ def _one_shot(
         flagged, reason = non_finite_flags(reported, valid)
         choices: dict[str, Any] = {}
         refine: Any = cfg.aggregation.refine
-        if select is not None and method in ("clair", "oracle"):
+        if select is not None and method in REFINING:
             refine = _heldout_choice(wl, trial, select, method, honest_eval, n_att, method_seed)
         corr, adapters, fl, why = run_method(
             method,

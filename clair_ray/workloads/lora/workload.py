@@ -55,7 +55,7 @@ from clair_ray.workloads.base import (
 )
 from clair_ray.workloads.lora import rounds, trajectory
 from clair_ray.workloads.lora.loop import adamw_steps, batch_order, step_batches
-from clair_ray.workloads.lora.methods import OWN_METHODS, Factors, lora_methods
+from clair_ray.workloads.lora.methods import OWN_METHODS, REFINING, Factors, lora_methods
 from clair_ray.workloads.lora.prefix import PrefixCache, fuse_tanh_gelu
 from clair_ray.workloads.lora.rounds import EVAL_METRICS, nan_metrics
 from clair_ray.workloads.lora.spec import LoraSpec, LoRAWorkloadConfig, check_lora, held_back
@@ -173,7 +173,7 @@ class LoRAWorkload(Workload):
     def selects(self) -> bool:
         """Whether clients also train without their held-back rows, for ``refine: heldout`` to choose on:
         :attr:`every_row`, and clair or the oracle (the methods that refine) among the methods."""
-        return self.every_row and any(m in ("clair", "oracle") for m in self.cfg.aggregation.methods)
+        return self.every_row and any(m in REFINING for m in self.cfg.aggregation.methods)
 
     def sizes(self, trial: int) -> np.ndarray:
         """(K,) rows each client's aggregated update trains on (cached): its local rows, less the held-back

@@ -46,33 +46,44 @@ def grouped(model: torch.nn.Module, **kw: object) -> GroupedLoRAModel:
     return gm
 
 
+def run_both(
+    gm: GroupedLoRAModel, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sizes: list[int]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, float]]]:
+    """Loss (with its gradients) and grouped evaluation of ``gm`` on the batch, the frozen prefix's states
+    passed where it has one; client g is evaluated on its first ``sizes[g]`` sequences."""
+    hidden = None
+    if gm.prefix is not None:
+        hidden = gm.prefix_hidden(ids.flatten(0, 1), mask.flatten(0, 1)).view(*ids.shape, -1)
+    loss = gm.client_losses(ids, labels, mask, hidden)
+    loss.sum().backward()
+    data = [
+        {"input_ids": ids[g][:n], "labels": labels[g][:n], "attention_mask": mask[g][:n]}
+        for g, n in enumerate(sizes)
+    ]
+    rows = None if hidden is None else [hidden[g][:n] for g, n in enumerate(sizes)]
+    ev = grouped_evaluate(gm, data, rows=2, hidden=rows)
+    return loss.detach(), [p.grad.clone() for p in gm.parameters()], ev
+
+
+def assert_same(results: list, rtol: float, grad_rtol: float, grad_atol: float) -> None:
+    """Two :func:`run_both` results agree: losses within ``rtol``, gradients within ``grad_rtol`` (and
+    ``grad_atol`` of the largest), evaluation losses within ``rtol`` and the counts exactly."""
+    (loss0, grads0, ev0), (loss1, grads1, ev1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=rtol, atol=0)
+    for a, b in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_atol * float(b.abs().max()))
+    for a, b in zip(ev1, ev0, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=rtol)
+        assert (a["exact_match"], a["token_accuracy"]) == (b["exact_match"], b["token_accuracy"])
+
+
 @pytest.mark.parametrize(
     "kw", [{"loss_chunk": 7}, {"reuse_prefix": True}, {"reuse_prefix": True, "loss_chunk": 5}]
 )
 def test_prefix_reuse_and_chunks_equal_the_full_forward(llama: torch.nn.Module, kw: dict) -> None:
     ids, labels, mask = batch()
-    results = []
-    for gm in (grouped(llama), grouped(llama, **kw)):
-        hidden = None
-        if gm.prefix is not None:
-            hidden = gm.prefix_hidden(ids.flatten(0, 1), mask.flatten(0, 1)).view(*ids.shape, -1)
-        loss = gm.client_losses(ids, labels, mask, hidden)
-        loss.sum().backward()
-        data = [
-            {"input_ids": ids[g][: 3 - g], "labels": labels[g][: 3 - g], "attention_mask": mask[g][: 3 - g]}
-            for g in range(2)
-        ]
-        ev = grouped_evaluate(
-            gm, data, rows=2, hidden=None if hidden is None else [hidden[g][: 3 - g] for g in range(2)]
-        )
-        results.append((loss.detach(), [p.grad.clone() for p in gm.parameters()], ev))
-    (loss0, grads0, ev0), (loss1, grads1, ev1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
-    for a, b in zip(grads1, grads0, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
-    for a, b in zip(ev1, ev0, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-        assert (a["exact_match"], a["token_accuracy"]) == (b["exact_match"], b["token_accuracy"])
+    results = [run_both(gm, ids, labels, mask, [3, 2]) for gm in (grouped(llama), grouped(llama, **kw))]
+    assert_same(results, rtol=1e-6, grad_rtol=1e-5, grad_atol=1e-7)
 
 
 def test_prefix_is_the_input_of_the_first_adapted_layer(llama: torch.nn.Module) -> None:
@@ -160,22 +171,9 @@ def test_labelled_tail_equals_the_full_last_layer(llama: torch.nn.Module, kw: di
         gm.tail.supported = cut
         mlp = gm.model.base_model.layers[-1].mlp
         mlp.register_forward_pre_hook(lambda m, a, out=seen[cut]: out.append(a[0].shape[1]))
-        hidden = None
-        if gm.prefix is not None:
-            hidden = gm.prefix_hidden(ids.flatten(0, 1), mask.flatten(0, 1)).view(*ids.shape, -1)
-        loss = gm.client_losses(ids, labels, mask, hidden)
-        loss.sum().backward()
-        data = [{"input_ids": ids[g], "labels": labels[g], "attention_mask": mask[g]} for g in range(2)]
-        ev = grouped_evaluate(gm, data, rows=2, hidden=None if hidden is None else list(hidden))
-        results.append((loss.detach(), [p.grad.clone() for p in gm.parameters()], ev))
-    (loss0, grads0, ev0), (loss1, grads1, ev1) = results
+        results.append(run_both(gm, ids, labels, mask, [3, 3]))
     assert seen[False] and seen[True] == [w - 3 for w in seen[False]], seen  # every call cut at position 3
-    torch.testing.assert_close(loss1, loss0, rtol=1e-9, atol=0)
-    for a, b in zip(grads1, grads0, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9 * float(b.abs().max()))
-    for a, b in zip(ev1, ev0, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
-        assert (a["exact_match"], a["token_accuracy"]) == (b["exact_match"], b["token_accuracy"])
+    assert_same(results, rtol=1e-9, grad_rtol=1e-7, grad_atol=1e-9)
 
 
 def test_labelled_tail_first_scored_position() -> None:
